@@ -1,0 +1,22 @@
+// The prefrank._C module: the `prefrank` operator library plus a tiny Python module object.
+//
+// Operators are declared per op family with TORCH_LIBRARY_FRAGMENT in their *_cpu.cpp file and implemented
+// per dispatch key (CPU here, CUDA in *_cuda_glue.cpp). The Python module only carries build facts that
+// prefrank._extension checks at import (a stale build raises an ImportError with the rebuild command).
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef PREFRANK_SOURCE_HASH
+#define PREFRANK_SOURCE_HASH "unknown"
+#endif
+
+TORCH_LIBRARY(prefrank, m) {}
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_C", "prefrank compiled operators", -1, nullptr};
+  PyObject* module = PyModule_Create(&definition);
+  if (module == nullptr) return nullptr;
+  PyModule_AddStringConstant(module, "source_hash", PREFRANK_SOURCE_HASH);
+  PyModule_AddIntConstant(module, "with_cuda", PREFRANK_WITH_CUDA);
+  return module;
+}

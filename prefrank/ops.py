@@ -1,0 +1,11 @@
+"""prefrank's public functional API: differentiable ops backed by fused kernels.
+
+Every op validates its inputs (clear ``ValueError``/``TypeError`` naming the argument), then dispatches on
+the device and the selected backend (see :mod:`prefrank.backend`): CUDA tensors → Triton kernels / the CUDA
+extension, CPU tensors → the C++ CPU kernels, ``set_backend("reference")`` → :mod:`prefrank.reference`.
+"""
+
+from prefrank.backend import get_backend, set_backend, use_backend
+from prefrank.plackett_luce import plackett_luce_nll
+
+__all__ = ["get_backend", "plackett_luce_nll", "set_backend", "use_backend"]

@@ -1,0 +1,89 @@
+"""Pure-PyTorch references of every prefrank op: the oracles the kernels are tested against.
+
+Written for clarity, not speed: each follows the defining formula directly, runs in float64 when given
+float64 (so ``torch.autograd.gradcheck`` applies) and is differentiable by autograd. Inputs are assumed
+valid (``prefrank.ops`` validates before dispatching here). Results are float32 for fp32/fp16/bf16 inputs
+and float64 for float64 inputs, like the kernels.
+"""
+
+import torch
+
+
+def _accumulation_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Plackett-Luce
+# ------------------------------------------------------------------------------------------------------------
+
+def _pl_item_levels(scores, ranking, groups, mask):
+    """(level, valid): each item's preference level (smaller = better; only compared, never indexed)."""
+    K = scores.shape[-1]
+    valid = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if groups is not None:
+        level = groups.to(torch.int64)
+        valid = level >= 0
+    elif ranking is not None:
+        ranking = ranking.to(torch.int64)
+        places = torch.arange(ranking.shape[-1], device=scores.device).expand_as(ranking)
+        hit = (ranking[..., :, None] == torch.arange(K, device=scores.device)) & (ranking >= 0)[..., None]
+        valid = hit.any(-2)
+        level = torch.where(hit, places[..., :, None], 0).sum(-2)
+    else:
+        level = torch.arange(K, device=scores.device).expand(scores.shape)
+    if mask is not None:
+        valid = valid & mask
+    return level, valid
+
+
+def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=None, ties="breslow", dim=-1,
+                      reduction="none"):
+    """Plackett-Luce / Cox partial-likelihood NLL by its definition over dense risk sets (O(K²) per list).
+
+    For every valid item i with level g(i): risk set R(i) = {j valid: g(j) ≥ g(i)}, its group
+    G(i) = {j valid: g(j) = g(i)} of size d, and ℓ(i) = its index inside G(i). The NLL is
+
+        Σ_{i scored} −s_i + log(S(i) − (ℓ(i)/d)·A(i))   (Efron)   or   −s_i + log S(i)   (Breslow)
+
+    with S(i) = Σ_{R(i)} e^s, A(i) = Σ_{G(i)} e^s. Item i is scored when fewer than ``top_k`` distinct
+    valid levels are better than g(i). A risk set of -inf scores only is scored as the limit of equal
+    scores: log(|R(i)| − ℓ(i)) (Efron) or log|R(i)| (Breslow). See ``prefrank.ops.plackett_luce_nll``.
+    """
+    acc = _accumulation_dtype(scores)
+    s = scores.movedim(dim, -1).to(acc)
+    move = lambda t: None if t is None else t.movedim(dim, -1)  # noqa: E731
+    level, valid = _pl_item_levels(s, move(ranking), move(groups), move(mask))
+
+    li, lj = level[..., :, None], level[..., None, :]
+    vj = valid[..., None, :]
+    in_risk = vj & (lj >= li)                                   # [.., i, j]: j in R(i)
+    in_group = vj & (lj == li)                                  # j in G(i)
+    earlier_in_group = in_group & torch.ones_like(in_group).tril(-1).bool()
+    group_size = in_group.sum(-1).to(acc)
+    tie_index = earlier_in_group.sum(-1).to(acc)
+    n_risk = in_risk.sum(-1).to(acc)
+
+    # number of distinct valid levels strictly better than g(i): Σ_j [g(j) < g(i)] / multiplicity(g(j))
+    multiplicity = (valid[..., :, None] & valid[..., None, :] & (li == lj)).sum(-1).clamp(min=1).to(acc)
+    better = (vj & (lj < li)).to(acc) / multiplicity[..., None, :]
+    groups_before = better.sum(-1).round()
+    scored = valid if top_k is None else valid & (groups_before < top_k)
+
+    s_j = s[..., None, :].expand(in_risk.shape)
+    zero_strength = ~(in_risk & (s_j > float("-inf"))).any(-1)     # the whole risk set has score -inf
+    neg_inf = torch.tensor(float("-inf"), dtype=acc, device=s.device)
+    safe = lambda members: torch.where(zero_strength[..., None], 0.0,  # noqa: E731
+                                       torch.where(members, s_j, neg_inf))
+    log_risk = torch.logsumexp(safe(in_risk), dim=-1)
+    log_group = torch.logsumexp(safe(in_group), dim=-1)
+    c = tie_index / group_size.clamp(min=1) if ties == "efron" else torch.zeros_like(tie_index)
+    term = -s + log_risk + torch.log1p(-c * torch.exp(log_group - log_risk))
+    limit = torch.log((n_risk - (tie_index if ties == "efron" else 0.0)).clamp(min=1))
+    term = torch.where(zero_strength, limit, term)
+    nll = torch.where(scored, term, torch.zeros_like(term)).sum(-1)
+    if reduction == "sum":
+        return nll.sum()
+    if reduction == "mean":
+        return nll.mean()
+    return nll

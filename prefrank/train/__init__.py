@@ -1,0 +1,1 @@
+"""Reference trainer: tiny offline VLM, synthetic data, preference generation, training loop."""
