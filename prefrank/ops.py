@@ -5,7 +5,13 @@ the device and the selected backend (see :mod:`prefrank.backend`): CUDA tensors 
 extension, CPU tensors → the C++ CPU kernels, ``set_backend("reference")`` → :mod:`prefrank.reference`.
 """
 
-from prefrank.backend import get_backend, set_backend, use_backend
-from prefrank.plackett_luce import plackett_luce_nll
+from prefrank.backend import get_backend, set_backend, use_backend  # noqa: F401
 
-__all__ = ["get_backend", "plackett_luce_nll", "set_backend", "use_backend"]
+# -- Plackett-Luce --
+from prefrank.plackett_luce import plackett_luce_nll  # noqa: F401
+
+# -- sequence log-probs (logprobs family) --
+
+
+# -- sorting networks (sortnet family) --
+
