@@ -31,7 +31,7 @@ test: build
 	$(PY) -m pytest tests -q -n 2
 
 demo: build
-	$(PY) -m prefrank.demo
+	$(PY) -m prefrank.showcase
 
 bench: build
 	$(PY) benchmarks/run.py

@@ -5,8 +5,8 @@ A case builds its inputs when ``make()`` is called and returns two closures: one
 forward+backward pass (each must finish its work before returning; run.py synchronises CUDA itself).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)

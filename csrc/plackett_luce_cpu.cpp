@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "output_alloc.h"
 #include "plackett_luce_math.h"
 
 namespace prefrank {
@@ -25,7 +26,7 @@ at::Tensor plackett_luce_nll_fwd_cpu(const at::Tensor& scores, const at::Tensor&
   check_layout(scores, order, level);
   const int64_t B = scores.size(0), K = scores.size(1);
   const auto out_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor nll = at::empty({B}, scores.options().dtype(out_dtype));
+  at::Tensor nll = new_output({B}, scores.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "plackett_luce_nll_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* s = scores.const_data_ptr<scalar_t>();
@@ -45,7 +46,7 @@ at::Tensor plackett_luce_nll_bwd_cpu(const at::Tensor& grad_nll, const at::Tenso
                                      const at::Tensor& level, int64_t top_k, int64_t ties) {
   check_layout(scores, order, level);
   const int64_t B = scores.size(0), K = scores.size(1);
-  at::Tensor grad = at::empty({B, K}, scores.options());
+  at::Tensor grad = new_output({B, K}, scores.options());
   const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = grad_nll.to(acc_dtype).contiguous();
   TORCH_CHECK(g.numel() == B, "plackett_luce: grad_nll must have one element per list");

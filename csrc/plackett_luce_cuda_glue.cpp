@@ -4,6 +4,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "output_alloc.h"
+
 #include "plackett_luce_cuda.h"
 
 namespace prefrank {
@@ -33,7 +35,7 @@ at::Tensor plackett_luce_nll_fwd_cuda(const at::Tensor& scores, const at::Tensor
   check_inputs(scores, order, level);
   const c10::cuda::CUDAGuard guard(scores.device());
   const auto acc = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor nll = at::empty({scores.size(0)}, scores.options().dtype(acc));
+  at::Tensor nll = new_output({scores.size(0)}, scores.options().dtype(acc));
   const cudaError_t err = cuda::plackett_luce_nll_fwd(
       storage_dtype(scores), scores.const_data_ptr(), scores.stride(0), scores.stride(1), order.const_data_ptr<int64_t>(),
       level.const_data_ptr<int64_t>(), scores.size(0), scores.size(1), top_k, ties, nll.mutable_data_ptr(),
@@ -50,7 +52,7 @@ at::Tensor plackett_luce_nll_bwd_cuda(const at::Tensor& grad_nll, const at::Tens
   const auto acc = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = grad_nll.to(acc).contiguous();
   TORCH_CHECK(g.numel() == B, "plackett_luce: grad_nll must have one element per list");
-  at::Tensor grad = at::empty({B, K}, scores.options());
+  at::Tensor grad = new_output({B, K}, scores.options());
   at::Tensor workspace = at::empty({B, 2 * K}, scores.options().dtype(acc));
   const cudaError_t err = cuda::plackett_luce_nll_bwd(
       storage_dtype(scores), g.const_data_ptr(), scores.const_data_ptr(), scores.stride(0), scores.stride(1),

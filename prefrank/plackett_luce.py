@@ -143,7 +143,7 @@ def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=Non
     if scores.is_cuda and not _extension.has_cuda_kernels():
         raise ImportError("prefrank._C was built without CUDA kernels; rebuild on a machine with nvcc and a "
                           "CUDA build of torch (PREFRANK_CUDA=1 make build)")
-    batch_shape, K = scores_l.shape[:-1], scores_l.shape[-1]
+    batch_shape = scores_l.shape[:-1]
     flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731  (a view when possible)
     flat_scores = flat(scores_l)
     order, level = canonical_order(flat_scores.shape, scores.device, ranking=flat(ranking_l),

@@ -3,6 +3,7 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("PREFRANK_POISON_OUTPUTS", "1")  # compiled ops allocate NaN-filled outputs
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

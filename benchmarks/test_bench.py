@@ -1,0 +1,26 @@
+"""pytest-benchmark suite over every case of benchmarks/cases_*.py:
+
+    pytest benchmarks/test_bench.py --benchmark-only [-k plackett]
+"""
+
+import pytest
+import torch
+
+from benchmarks.run import all_cases
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CASES = all_cases(DEVICE)
+
+
+@pytest.mark.parametrize("case", [c for _, _, c in CASES], ids=[c.name for _, _, c in CASES])
+@pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])
+def test_benchmark(benchmark, case, pass_):
+    forward, forward_backward = case.make()
+    fn = forward if pass_ == "fwd" else forward_backward
+    if DEVICE == "cuda":
+        def fn_synced():
+            fn()
+            torch.cuda.synchronize()
+        benchmark(fn_synced)
+    else:
+        benchmark(fn)
