@@ -24,7 +24,7 @@ namespace {
 
 // exp for float that gcc vectorises under `omp simd` (libm's expf is a scalar call). Inputs here are
 // ≤ ~0 (logit − max or logit − lse); below -87 the result underflows to 0. NaN propagates.
-inline float vec_exp(float x) {
+__attribute__((always_inline)) inline float vec_exp(float x) {
   const float xc = x < -87.0f ? -87.0f : x;
   // round-to-nearest of xc·log2(e) with the 1.5·2^23 trick (vectorises, unlike roundf)
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -42,10 +42,10 @@ inline float vec_exp(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < -87.0f ? 0.0f : p * scale;
 }
-inline double vec_exp(double x) { return std::exp(x); }
+__attribute__((always_inline)) inline double vec_exp(double x) { return std::exp(x); }
 
 template <typename acc_t, typename scalar_t>
-inline acc_t up(scalar_t x) {
+__attribute__((always_inline)) inline acc_t up(scalar_t x) {
   return static_cast<acc_t>(x);
 }
 

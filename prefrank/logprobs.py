@@ -181,8 +181,9 @@ def _reduce(token_logp, active, labels_shape, segment_ids, num_segments, reducti
     if segment_ids is None:
         sums = token_logp.reshape(labels_shape).sum(-1)
         counts = active.reshape(labels_shape).sum(-1)
-    else:
-        sums, counts = _segment_sum(token_logp, segment_ids.reshape(-1), num_segments)
+    else:  # tokens with a segment but no label are not counted
+        slots = torch.where(active, segment_ids, -1).reshape(-1)
+        sums, counts = _segment_sum(token_logp, slots, num_segments)
     if reduction == "mean":
         sums = sums / counts.clamp(min=1).to(sums.dtype)
     return sums
