@@ -11,6 +11,8 @@ from prefrank.backend import get_backend, set_backend, use_backend  # noqa: F401
 from prefrank.plackett_luce import plackett_luce_nll  # noqa: F401
 
 # -- sequence log-probs (logprobs family) --
+# isort: split
+from prefrank.logprobs import linear_sequence_logprobs, sequence_logprobs  # noqa: F401
 
 
 # -- sorting networks (sortnet family) --

@@ -93,6 +93,44 @@ def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=Non
 # Sequence log-probs (logprobs family)
 # ------------------------------------------------------------------------------------------------------------
 
+def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ignore_index=-100,
+                      temperature=1.0, reduction="sum"):
+    """The naive way: materialise log_softmax(logits/temperature) in fp32 (fp64 for fp64), gather, sum.
+
+    Token t counts when labels[t] != ignore_index (and segment_ids[t] >= 0). "sum"/"mean" reduce per row
+    (or per segment slot); "none" returns the per-token logps with 0 at skipped tokens.
+    """
+    acc = _accumulation_dtype(logits)
+    logp_all = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
+    labels = labels.to(torch.int64)
+    active = labels != ignore_index
+    if segment_ids is not None:
+        active = active & (segment_ids >= 0)
+    picked = logp_all.gather(-1, torch.where(active, labels, 0).unsqueeze(-1)).squeeze(-1)
+    token_logp = torch.where(active, picked, torch.zeros_like(picked))
+    if reduction == "none":
+        return token_logp
+    if segment_ids is None:
+        sums, counts = token_logp.sum(-1), active.sum(-1)
+    else:
+        slots = segment_ids[active].to(torch.int64)
+        sums = torch.zeros(num_segments, dtype=acc, device=logits.device).index_add(
+            0, slots, token_logp[active])
+        counts = torch.zeros(num_segments, dtype=torch.int64, device=logits.device).index_add(
+            0, slots, torch.ones_like(slots))
+    if reduction == "mean":
+        return sums / counts.clamp(min=1).to(acc)
+    return sums
+
+
+def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, segment_ids=None, num_segments=None,
+                             ignore_index=-100, temperature=1.0, reduction="sum", chunk_size=None):
+    """``sequence_logprobs(hidden @ weight.T + bias, ...)`` with the full logits materialised."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return sequence_logprobs(logits, labels, segment_ids=segment_ids, num_segments=num_segments,
+                             ignore_index=ignore_index, temperature=temperature, reduction=reduction)
 
 
 # ------------------------------------------------------------------------------------------------------------

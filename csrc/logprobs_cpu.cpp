@@ -1,0 +1,200 @@
+// Sequence log-probs: operator schemas and CPU kernels (one token = one vocabulary row per task item).
+//
+// Forward, per token t with label y != ignore_index, z = logits[t, :] / temperature:
+//     lse_t = log Σ_v exp(z_v),   logp_t = z_y − lse_t          (0 and 0 for ignored tokens)
+// Backward, from the per-token gradient g_t (the caller maps per-sequence/segment gradients to tokens):
+//     ∂logp_t/∂logits[t, v] = (δ_vy − exp(z_v − lse_t)) / temperature
+// so grad_logits[t, v] = g_t · (δ_vy − softmax(z)_v) / temperature, 0 on ignored rows. The backward reads
+// each row once and writes it once; the in-place variant writes the gradient over the logits it reads
+// (used by linear_sequence_logprobs on its own chunk buffer, never on user tensors).
+//
+// fp16/bf16/fp32 rows accumulate in float with a vectorisable exp (Cody-Waite + degree-7 polynomial,
+// ≤ 1e-7 relative error); float64 rows use double and std::exp (gradcheck precision).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace prefrank {
+namespace {
+
+// exp for float that gcc vectorises under `omp simd` (libm's expf is a scalar call). Inputs here are
+// ≤ ~0 (logit − max or logit − lse); below -87 the result underflows to 0. NaN propagates.
+__attribute__((always_inline)) inline float vec_exp(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  // round-to-nearest of xc·log2(e) with the 1.5·2^23 trick (vectorises, unlike roundf)
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;  // ln2 split hi/lo
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+__attribute__((always_inline)) inline double vec_exp(double x) { return std::exp(x); }
+
+template <typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline acc_t up(scalar_t x) {
+  return static_cast<acc_t>(x);
+}
+
+// log Σ_v exp(x_v · inv_temp) of one row (two passes: max, then the sum; the row stays in cache).
+template <typename acc_t, typename scalar_t>
+__attribute__((target_clones("avx512f", "avx2", "default"))) acc_t row_lse(const scalar_t* x, int64_t V,
+                                                                             acc_t inv_temp) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t v = 0; v < V; ++v) {
+    const acc_t xv = up<acc_t>(x[v]);
+    m = xv > m ? xv : m;
+  }
+  const acc_t shift = m * inv_temp;  // temperature > 0 keeps the argmax
+  // a row of -inf only: log 0 (the reference's log_softmax gives NaN logps there too)
+  if (shift == -std::numeric_limits<acc_t>::infinity()) return shift;
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t v = 0; v < V; ++v) s += vec_exp(up<acc_t>(x[v]) * inv_temp - shift);
+  return shift + std::log(s);
+}
+
+// out_v = −scale · exp(x_v · inv_temp − lse), then out_y += scale (δ term). out may alias x.
+template <typename acc_t, typename scalar_t>
+__attribute__((target_clones("avx512f", "avx2", "default"))) void row_grad(const scalar_t* x, scalar_t* out,
+                                                                             int64_t V, int64_t label,
+                                                                             acc_t inv_temp, acc_t lse,
+                                                                             acc_t scale) {
+  const acc_t p_label = vec_exp(up<acc_t>(x[label]) * inv_temp - lse);  // read before an in-place write
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(-scale * vec_exp(up<acc_t>(x[v]) * inv_temp - lse));
+  out[label] = static_cast<scalar_t>(scale * (acc_t(1) - p_label));
+}
+
+struct Layout {
+  int64_t n_tokens, T, V, stride_b, stride_t;
+};
+
+Layout check_layout(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.dim() == 3, "sequence_logprobs: logits must be (rows, T, V)");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "sequence_logprobs: logits must be floating point");
+  TORCH_CHECK(logits.size(2) == 1 || logits.stride(2) == 1, "sequence_logprobs: logits need unit stride on V");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "sequence_logprobs: labels must be int64");
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1),
+              "sequence_logprobs: labels must be (rows, T) matching logits");
+  TORCH_CHECK(labels.is_contiguous(), "sequence_logprobs: labels must be contiguous");
+  return {logits.size(0) * logits.size(1), logits.size(1), logits.size(2), logits.stride(0), logits.stride(1)};
+}
+
+// tokens per parallel task: about 64k logits each, so short vocabularies still amortise the task cost
+int64_t grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
+
+std::tuple<at::Tensor, at::Tensor> sequence_logprobs_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                             int64_t ignore_index, double temperature) {
+  const Layout L = check_layout(logits, labels);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor logp = at::empty(labels.sizes(), logits.options().dtype(acc_dtype));
+  at::Tensor lse = at::empty(labels.sizes(), logits.options().dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sequence_logprobs_fwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const int64_t* y = labels.const_data_ptr<int64_t>();
+    acc_t* out_logp = logp.mutable_data_ptr<acc_t>();
+    acc_t* out_lse = lse.mutable_data_ptr<acc_t>();
+    const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, L.n_tokens, grain(L.V), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t label = y[n];
+        if (label == ignore_index) {  // the row is never read
+          out_logp[n] = 0;
+          out_lse[n] = 0;
+          continue;
+        }
+        TORCH_CHECK(label >= 0 && label < L.V, "sequence_logprobs: label ", label, " outside [0, ", L.V, ")");
+        const scalar_t* row = x + (n / L.T) * L.stride_b + (n % L.T) * L.stride_t;
+        const acc_t row_lse_value = row_lse<acc_t>(row, L.V, inv_temp);
+        out_lse[n] = row_lse_value;
+        out_logp[n] = up<acc_t>(row[label]) * inv_temp - row_lse_value;
+      }
+    });
+  });
+  return {logp, lse};
+}
+
+// Shared by the out-of-place and in-place backward: out has the (rows, T, V) shape of logits.
+void backward_into(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                   const at::Tensor& lse, int64_t ignore_index, double temperature, at::Tensor& out) {
+  const Layout L = check_layout(logits, labels);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.scalar_type() == acc_dtype && lse.sizes() == labels.sizes(),
+              "sequence_logprobs: lse must be the forward's (rows, T) accumulator-dtype result");
+  TORCH_CHECK(grad_logp.sizes() == labels.sizes(), "sequence_logprobs: grad must be (rows, T)");
+  TORCH_CHECK(out.stride(2) == 1 || out.size(2) == 1, "sequence_logprobs: gradient needs unit stride on V");
+  const at::Tensor g = grad_logp.to(acc_dtype).contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  const int64_t ob = out.stride(0), ot = out.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sequence_logprobs_bwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t* y = labels.const_data_ptr<int64_t>();
+    const acc_t* gp = g.const_data_ptr<acc_t>();
+    const acc_t* lp = lse_c.const_data_ptr<acc_t>();
+    const acc_t inv_temp = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, L.n_tokens, grain(L.V), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t b = n / L.T, t = n % L.T;
+        scalar_t* out_row = o + b * ob + t * ot;
+        const int64_t label = y[n];
+        if (label == ignore_index) {  // zero gradient, the row is never read
+          std::fill(out_row, out_row + L.V, scalar_t(0));
+          continue;
+        }
+        TORCH_CHECK(label >= 0 && label < L.V, "sequence_logprobs: label ", label, " outside [0, ", L.V, ")");
+        row_grad<acc_t>(x + b * L.stride_b + t * L.stride_t, out_row, L.V, label, inv_temp, lp[n],
+                        gp[n] * inv_temp);
+      }
+    });
+  });
+}
+
+at::Tensor sequence_logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits,
+                                     const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
+                                     double temperature) {
+  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  backward_into(grad_logp, logits, labels, lse, ignore_index, temperature, out);
+  return out;
+}
+
+void sequence_logprobs_bwd_inplace_cpu(const at::Tensor& grad_logp, at::Tensor& logits, const at::Tensor& labels,
+                                       const at::Tensor& lse, int64_t ignore_index, double temperature) {
+  backward_into(grad_logp, logits, labels, lse, ignore_index, temperature, logits);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(prefrank, m) {
+  m.def("sequence_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index, float temperature) -> "
+        "(Tensor, Tensor)");
+  m.def("sequence_logprobs_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index, "
+        "float temperature) -> Tensor");
+  m.def("sequence_logprobs_bwd_(Tensor grad_logp, Tensor(a!) logits, Tensor labels, Tensor lse, "
+        "int ignore_index, float temperature) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(prefrank, CPU, m) {
+  m.impl("sequence_logprobs_fwd", &sequence_logprobs_fwd_cpu);
+  m.impl("sequence_logprobs_bwd", &sequence_logprobs_bwd_cpu);
+  m.impl("sequence_logprobs_bwd_", &sequence_logprobs_bwd_inplace_cpu);
+}
+
+}  // namespace prefrank
