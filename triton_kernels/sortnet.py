@@ -3,9 +3,10 @@
 
 Schedule and relaxations: see ``prefrank/networks.py`` and ``csrc/sortnet_math.h``. Every wire w of a layer
 has a partner p (p == w: passes through); the comparator on lo = min(w, p), hi = max(w, p) computes
-α = f(x_hi − x_lo) and each of its wires updates as ``x_w ← own·x_w + other·x_p`` with (own, other) = (α, 1−α),
-swapped for a "flipped" comparator (minimum sent to hi). P's columns mix the same way. The partners are
-computed on the fly (integer ops), so lists of different lengths m ≤ n share one launch (rank losses).
+α = f(x_hi − x_lo) and each of its wires updates as ``x_w ← own·x_w + other·x_p`` with
+(own, other) = (α, 1−α), swapped for a "flipped" comparator (minimum sent to hi). P's columns mix the same
+way. The partners are computed on the fly (integer ops), so lists of different lengths m ≤ n share one
+launch (rank losses).
 
 Kernels and their cost per list of n items, L layers:
   ``_values_forward_kernel``  one program per list, x in registers, O(L·n): writes the values, α per wire
@@ -41,7 +42,7 @@ MAX_N = 1024
 
 @triton.jit
 def _atan(x):
-    """arctan, Cephes' rational approximation (accurate to fp64 rounding; libdevice is not in the interpreter)."""
+    """arctan by Cephes' rational approximation (fp64-accurate; libdevice is missing in the interpreter)."""
     ax = tl.abs(x)
     big = ax > 2.414213562373095
     mid = (ax > 0.66) & (ax <= 2.414213562373095)
@@ -49,8 +50,8 @@ def _atan(x):
     z = t * t
     p = (((-8.750608600031904122785e-1 * z - 1.615753718733365076637e1) * z - 7.500855792314704667340e1) * z
          - 1.228866684490136173410e2) * z - 6.485021904942025371773e1
-    q = ((((z + 2.485846490142306297962e1) * z + 1.650270098316988542046e2) * z + 4.328810604912902668951e2) * z
-         + 4.853903996359136964868e2) * z + 1.945506571482613964425e2
+    q = ((((z + 2.485846490142306297962e1) * z + 1.650270098316988542046e2) * z
+          + 4.328810604912902668951e2) * z + 4.853903996359136964868e2) * z + 1.945506571482613964425e2
     r = t * (z * p / q) + t
     # each constant meets r inside its branch: a where() of two literals would be fp32 even for fp64 inputs
     y = tl.where(big, 1.5707963267948966 + r, tl.where(mid, 0.7853981633974483 + r, r))
@@ -150,8 +151,8 @@ def _list_size(sizes_ptr, b, n, HAS_SIZES: tl.constexpr):
 
 
 @triton.jit
-def _values_forward_kernel(x_ptr, sizes_ptr, values_ptr, alpha_ptr, xs_ptr, n, max_layers, network, relaxation,
-                           s, lam, HAS_SIZES: tl.constexpr, BLOCK_N: tl.constexpr):
+def _values_forward_kernel(x_ptr, sizes_ptr, values_ptr, alpha_ptr, xs_ptr, n, max_layers, network,
+                           relaxation, s, lam, HAS_SIZES: tl.constexpr, BLOCK_N: tl.constexpr):
     """One list per program: soft-sorted values, α per wire and the layer inputs xs (zeros past the list)."""
     b = tl.program_id(0).to(tl.int64)
     w = tl.arange(0, BLOCK_N)
@@ -274,9 +275,9 @@ def _rows_backward_kernel(alpha_ptr, sizes_ptr, grad_perm_ptr, grad_loss_ptr, lo
 
 
 @triton.jit
-def _values_backward_kernel(grad_values_ptr, xs_ptr, alpha_ptr, dalpha_ptr, sizes_ptr, grad_x_ptr, n, max_layers,
-                            network, relaxation, s, lam, HAS_GRAD_VALUES: tl.constexpr, HAS_DALPHA: tl.constexpr,
-                            HAS_SIZES: tl.constexpr, BLOCK_N: tl.constexpr):
+def _values_backward_kernel(grad_values_ptr, xs_ptr, alpha_ptr, dalpha_ptr, sizes_ptr, grad_x_ptr, n,
+                            max_layers, network, relaxation, s, lam, HAS_GRAD_VALUES: tl.constexpr,
+                            HAS_DALPHA: tl.constexpr, HAS_SIZES: tl.constexpr, BLOCK_N: tl.constexpr):
     """∂L/∂x of one list from ∂L/∂values and the P part's dalpha, see the module docstring."""
     b = tl.program_id(0).to(tl.int64)
     w = tl.arange(0, BLOCK_N)
@@ -329,7 +330,8 @@ def _forward_values(x, sizes, network, relaxation, s, lam):
     alpha = torch.zeros((B, L, n), dtype=x.dtype, device=x.device)
     xs = torch.zeros((B, L, n), dtype=x.dtype, device=x.device)
     _values_forward_kernel[(B,)](x, sizes if sizes is not None else x, values, alpha, xs, n, L, network,
-                                 relaxation, s, lam, HAS_SIZES=sizes is not None, BLOCK_N=block_n, num_warps=4)
+                                 relaxation, s, lam, HAS_SIZES=sizes is not None, BLOCK_N=block_n,
+                                 num_warps=4)
     return values, alpha, xs
 
 
@@ -350,7 +352,7 @@ def _backward_rows(alpha, sizes, grad_perm, grad_loss, lo, hi, n, network, mode)
     block_n, _, block_r = block_sizes(n)
     ckpt_every = max(1, math.isqrt(max(L - 1, 0)) + 1)  # ⌈√L⌉ for L ≥ 1
     num_ckpt = max(0, -(-L // ckpt_every) - 1)
-    ckpt = torch.empty((B, max(num_ckpt, 1), n, n) if num_ckpt else (1,), dtype=alpha.dtype, device=alpha.device)
+    ckpt = torch.empty((B, num_ckpt, n, n) if num_ckpt else (1,), dtype=alpha.dtype, device=alpha.device)
     dalpha = torch.zeros_like(alpha)
     dummy = alpha
     _rows_backward_kernel[(B, triton.cdiv(n, block_r))](
@@ -413,8 +415,8 @@ class _RankLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         sizes, lo, hi, alpha, xs = ctx.saved_tensors
         mode, network, relaxation, s, lam = ctx.options
-        dalpha = _backward_rows(alpha, sizes, None, grad_loss.to(alpha.dtype).contiguous(), lo, hi, xs.shape[2],
-                                network, mode)
+        grad_loss = grad_loss.to(alpha.dtype).contiguous()
+        dalpha = _backward_rows(alpha, sizes, None, grad_loss, lo, hi, xs.shape[2], network, mode)
         grad_y = _backward_values(None, xs, alpha, dalpha, sizes, network, relaxation, s, lam)
         return grad_y, None, None, None, None, None, None, None, None
 
@@ -425,5 +427,5 @@ def soft_sort(x, network, relaxation, steepness, art_lambda, with_perm):
 
 
 def rank_loss(y, sizes, lo, hi, target, network, relaxation, steepness, art_lambda):
-    """Per-list rank loss (target 0 = block, 1 = permutation) of the compacted lists y, differentiable in y."""
+    """Per-list rank loss (target 0 = block, 1 = permutation) of the compacted lists y; differentiable."""
     return _RankLoss.apply(y, sizes, lo, hi, target, network, relaxation, steepness, art_lambda)
