@@ -16,4 +16,5 @@ from prefrank.logprobs import linear_sequence_logprobs, sequence_logprobs  # noq
 
 
 # -- sorting networks (sortnet family) --
+from prefrank.sortnet import soft_sort, sortnet_rank_loss  # noqa: F401
 
