@@ -111,10 +111,11 @@ def test_dpo_label_smoothing_sign_conventions():
     cdpo = losses.dpo_loss(pc, pr, rc, rr, beta=1.0, label_smoothing=0.1).loss
     robust = losses.dpo_loss(pc, pr, rc, rr, beta=1.0, loss_type="robust", label_smoothing=0.1).loss
     h = torch.tensor(3.0)
-    torch.testing.assert_close(plain, torch.nn.functional.softplus(-h))
-    torch.testing.assert_close(cdpo, 0.9 * torch.nn.functional.softplus(-h) + 0.1 * torch.nn.functional.softplus(h))
-    torch.testing.assert_close(robust, (0.9 * torch.nn.functional.softplus(-h)
-                                        - 0.1 * torch.nn.functional.softplus(h)) / 0.8)
+    softplus = torch.nn.functional.softplus
+    torch.testing.assert_close(plain, softplus(-h))
+    torch.testing.assert_close(cdpo, 0.9 * softplus(-h) + 0.1 * softplus(h))
+    torch.testing.assert_close(robust, (0.9 * softplus(-h) - 0.1 * softplus(h)) / 0.8)
+    assert cdpo > plain > robust
 
 
 def test_dpo_metrics_match_trl_names(seed):
@@ -415,7 +416,8 @@ def test_modules_equal_functional(seed):
          losses.dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type="robust", label_smoothing=0.1)),
         (losses.ListwiseDPOLoss(beta=0.3, top_k=1)(lists, ref_lists, groups),
          losses.listwise_dpo_loss(lists, ref_lists, groups=groups, beta=0.3, top_k=1)),
-        (losses.SDPOLoss(beta=0.3)(pc, negs, rc, ref_negs), losses.sdpo_loss(pc, negs, rc, ref_negs, beta=0.3)),
+        (losses.SDPOLoss(beta=0.3)(pc, negs, rc, ref_negs),
+         losses.sdpo_loss(pc, negs, rc, ref_negs, beta=0.3)),
         (losses.MISPDPOLoss(beta=0.3, text_weight=0.5)(pc, rc, negs, ref_negs, text=(pc, pr, rc, rr)),
          losses.misp_dpo_loss(pc, rc, negs, ref_negs, beta=0.3, text=(pc, pr, rc, rr), text_weight=0.5)),
     ]
