@@ -501,3 +501,186 @@ def test_bad_input_sdpo_misp():
         losses.misp_dpo_loss(pos, pos, negs, negs, beta=0)
     with pytest.raises(ValueError, match="text_weight"):
         losses.misp_dpo_loss(pos, pos, negs, negs, text_weight=-1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sorting-network losses (SMPRO, listwise ranker="sortnet") vs diffsort + the block formula written out
+# ------------------------------------------------------------------------------------------------------------
+
+def naive_block_loss(r, levels, network="odd_even", relaxation="cauchy", steepness=10.0):
+    """Per list: diffsort on the valid items (in item order) sorted best-first (ascending sort of −r), then
+    −mean_i log Σ_{p in block of g(i)} P[i, p], the block = positions after every better valid item."""
+    diffsort = pytest.importorskip("diffsort")
+    per_list = []
+    for b in range(r.shape[0]):
+        idx = [k for k in range(r.shape[1]) if levels[b, k] >= 0]
+        x, lv = r[b, idx], levels[b, idx]
+        if len(idx) == 1:
+            per_list.append(r.new_zeros(()))
+            continue
+        sorter = diffsort.DiffSortNet(network, len(idx), steepness=steepness, distribution=relaxation)
+        P = sorter(-x[None])[1][0]
+        terms = []
+        for i in range(len(idx)):
+            start = int((lv < lv[i]).sum())
+            stop = start + int((lv == lv[i]).sum())
+            terms.append(-torch.log(P[i, start:stop].sum()))
+        per_list.append(torch.stack(terms).mean())
+    return torch.stack(per_list)
+
+
+def naive_smpro(r, groups, anchor_weight, within_weight=0.0, ranking=None, **sort_options):
+    levels = torch.full_like(groups, -1)
+    for b in range(groups.shape[0]):
+        present = sorted({int(g) for g in groups[b] if g >= 0})
+        for k in range(groups.shape[1]):
+            if groups[b, k] >= 0:
+                levels[b, k] = present.index(int(groups[b, k]))
+    across = naive_block_loss(r, levels, **sort_options)
+    positive = groups == 0
+    anchor = torch.stack([-log_sigmoid(r[b][positive[b]]).mean() for b in range(r.shape[0])])
+    total = across + anchor_weight * anchor
+    if within_weight:
+        within = []
+        for b in range(r.shape[0]):
+            place = {int(item): j for j, item in enumerate(ranking[b]) if item >= 0}
+            sub_losses = []
+            for lev in range(int(levels[b].max()) + 1):
+                members = [k for k in range(r.shape[1]) if levels[b, k] == lev]
+                if len(members) < 2:
+                    continue
+                order = sorted(members, key=lambda k: place[k])
+                sub_levels = torch.tensor([[order.index(k) for k in members]])
+                sub_losses.append(naive_block_loss(r[b, members][None], sub_levels, **sort_options)[0])
+            within.append(torch.stack(sub_losses).mean() if sub_losses else r.new_zeros(()))
+        total = total + within_weight * torch.stack(within)
+    return total.mean()
+
+
+SMPRO_GROUPS = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 0, -1, 2, 1], [2, 0, 0, 0, 1, -1]])
+
+
+@pytest.mark.parametrize("network,relaxation", [("odd_even", "cauchy"), ("bitonic", "logistic")])
+def test_smpro_vs_diffsort_formula(seed, network, relaxation):
+    policy, ref = leaf(3, 6, scale=3.0), leaf(3, 6, scale=3.0)
+    out = losses.smpro_loss(policy, ref, SMPRO_GROUPS, beta=0.5, network=network, relaxation=relaxation,
+                            steepness=4.0, anchor_weight=0.7)
+    want = naive_smpro(0.5 * (policy - ref), SMPRO_GROUPS, 0.7, network=network, relaxation=relaxation,
+                       steepness=4.0)
+    torch.testing.assert_close(out.loss, want)
+    assert_close_grads(grads(out.loss, [policy, ref]), grads(want, [policy, ref]))
+    assert set(out.metrics) >= {"loss/across", "loss/anchor", "rewards/group_0", "rewards/group_2",
+                                "rewards/margin", "rewards/ranking_accuracy"}
+
+
+def test_smpro_within_group_term_vs_formula(seed):
+    policy, ref = leaf(3, 6, scale=3.0), leaf(3, 6, scale=3.0)
+    # a ranking refining the groups: within each group, items in a random order
+    ranking = torch.full((3, 6), -1)
+    for b in range(3):
+        valid = [k for k in torch.randperm(6).tolist() if SMPRO_GROUPS[b, k] >= 0]
+        ordered = sorted(valid, key=lambda k: int(SMPRO_GROUPS[b, k]))     # stable: random within a group
+        ranking[b, :len(ordered)] = torch.tensor(ordered)
+    out = losses.smpro_loss(policy, ref, SMPRO_GROUPS, beta=0.5, steepness=4.0, within_weight=0.6,
+                            anchor_weight=0.3, ranking=ranking)
+    want = naive_smpro(0.5 * (policy - ref), SMPRO_GROUPS, 0.3, within_weight=0.6, ranking=ranking,
+                       steepness=4.0)
+    torch.testing.assert_close(out.loss, want)
+    assert_close_grads(grads(out.loss, [policy, ref]), grads(want, [policy, ref]))
+    assert "loss/within" in out.metrics
+
+
+def test_smpro_shift_invariance_only_without_anchor(seed):
+    policy, ref = torch.randn(3, 6), torch.randn(3, 6)
+    shifted = policy + 3.0        # adds β·3 to every reward
+    plain = lambda p, w: losses.smpro_loss(p, ref, SMPRO_GROUPS, anchor_weight=w).loss  # noqa: E731
+    torch.testing.assert_close(plain(shifted, 0.0), plain(policy, 0.0))
+    assert not torch.allclose(plain(shifted, 1.0), plain(policy, 1.0))
+    assert plain(shifted, 1.0) < plain(policy, 1.0)    # raising every reward above the reference helps
+
+
+def test_smpro_all_positive_list_has_zero_across_term(seed):
+    groups = torch.tensor([[0, 0, 0, -1]])
+    out = losses.smpro_loss(torch.randn(1, 4), torch.randn(1, 4), groups)
+    torch.testing.assert_close(out.metrics["loss/across"], torch.tensor(0.0), atol=1e-6, rtol=0)
+    assert out.metrics["loss/anchor"] > 0
+    assert torch.isnan(out.metrics["rewards/ranking_accuracy"])    # no pair to rank: undefined
+
+
+@pytest.mark.parametrize("relaxation", ["cauchy", "optimal"])
+def test_listwise_sortnet_vs_diffsort_formula(seed, relaxation):
+    policy, ref = leaf(3, 5, scale=3.0), leaf(3, 5, scale=3.0)
+    groups = torch.tensor([[0, 1, 1, 2, 3], [1, 0, -1, 1, 0], [3, 2, 1, 0, -1]])
+    out = losses.listwise_dpo_loss(policy, ref, groups=groups, beta=0.5, ranker="sortnet",
+                                   relaxation=relaxation, steepness=6.0)
+    levels = torch.tensor([[0, 1, 1, 2, 3], [1, 0, -1, 1, 0], [3, 2, 1, 0, -1]])
+    want = naive_block_loss(0.5 * (policy - ref), levels, relaxation=relaxation, steepness=6.0).mean()
+    torch.testing.assert_close(out.loss, want)
+    assert_close_grads(grads(out.loss, [policy, ref]), grads(want, [policy, ref]))
+
+
+def _sortnet_losses():
+    B, K = 3, 6
+    groups = SMPRO_GROUPS
+    ranking = torch.stack([torch.argsort(torch.where(g >= 0, g, 99).float(), stable=True) for g in groups])
+    ranking = torch.where(torch.gather(groups, 1, ranking) >= 0, ranking, -1)
+    return [
+        ("smpro", lambda t: losses.smpro_loss(*t, groups, within_weight=0.5, ranking=ranking),
+         [torch.randn(B, K), torch.randn(B, K)]),
+        ("listwise_sortnet", lambda t: losses.listwise_dpo_loss(*t, groups=groups, ranker="sortnet"),
+         [torch.randn(B, K), torch.randn(B, K)]),
+    ]
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_sortnet_losses_backends_agree_and_bf16(seed, index):
+    name, fn, tensors = _sortnet_losses()[index]
+    a = [t.clone().requires_grad_() for t in tensors]
+    b = [t.clone().requires_grad_() for t in tensors]
+    kernels = fn(a)
+    with ops.use_backend("reference"):
+        reference = fn(b)
+    torch.testing.assert_close(kernels.loss, reference.loss)
+    assert_close_grads(grads(kernels.loss, a), grads(reference.loss, b))
+    half = fn([t.bfloat16() for t in tensors])
+    assert half.loss.dtype == torch.float32, name
+    torch.testing.assert_close(half.loss, fn([t.bfloat16().float() for t in tensors]).loss)
+
+
+def test_smpro_optimisation_ranks(seed):
+    scores = torch.randn(3, 6).requires_grad_()
+    m = _descend(lambda: losses.smpro_loss(scores, torch.zeros(3, 6), SMPRO_GROUPS, beta=1.0), [scores])
+    assert m["rewards/ranking_accuracy"] == 1.0
+    assert m["rewards/group_0"] > 0       # the anchor lifted the positives above the reference
+
+
+def test_listwise_sortnet_optimisation_ranks(seed):
+    scores = torch.randn(3, 6).requires_grad_()
+    m = _descend(lambda: losses.listwise_dpo_loss(scores, torch.zeros(3, 6), groups=SMPRO_GROUPS, beta=1.0,
+                                                  ranker="sortnet"), [scores])
+    assert m["rewards/ranking_accuracy"] == 1.0
+
+
+def test_bad_input_smpro():
+    p = torch.randn(3, 6)
+    with pytest.raises(ValueError, match="ref_logps"):
+        losses.smpro_loss(p, torch.randn(3, 5), SMPRO_GROUPS)
+    with pytest.raises(ValueError, match="groups"):
+        losses.smpro_loss(p, p, SMPRO_GROUPS[:, :5])
+    with pytest.raises(ValueError, match="beta"):
+        losses.smpro_loss(p, p, SMPRO_GROUPS, beta=0.0)
+    with pytest.raises(ValueError, match="anchor_weight"):
+        losses.smpro_loss(p, p, SMPRO_GROUPS, anchor_weight=-1.0)
+    no_positive = SMPRO_GROUPS.clone()
+    no_positive[1] = torch.where(no_positive[1] == 0, 1, no_positive[1])
+    with pytest.raises(ValueError, match="list 1 .*group 0"):
+        losses.smpro_loss(p, p, no_positive)
+    with pytest.raises(ValueError, match="list 2"):
+        losses.smpro_loss(p, p, torch.where(torch.arange(3)[:, None] == 2, -1, SMPRO_GROUPS))
+    with pytest.raises(ValueError, match="within_weight"):
+        losses.smpro_loss(p, p, SMPRO_GROUPS, within_weight=1.0)
+    contradicting = torch.tensor([[2, 3, 0, 1, 4, 5]] * 3)
+    with pytest.raises(ValueError, match="ranking"):
+        losses.smpro_loss(p, p, SMPRO_GROUPS[:1].expand(3, 6), within_weight=1.0, ranking=contradicting)
+    with pytest.raises(ValueError, match="relaxation"):
+        losses.smpro_loss(p, p, SMPRO_GROUPS, relaxation="sigmoid")
