@@ -87,21 +87,33 @@ def _ranking_metrics(rewards, level):
     """The per-level reward means, best-vs-rest margin and pairwise ranking accuracy (see module doc)."""
     with torch.no_grad():
         r = rewards.detach()
+        K = level.shape[-1]
         valid = level >= 0
-        metrics = {}
-        n_levels = int(level.max()) + 1 if level.numel() else 0
-        for g in range(n_levels):
-            at = level == g
-            metrics[f"rewards/group_{g}"] = torch.where(at, r, 0).sum() / at.sum()
-        best, rest = level == 0, valid & (level > 0)
+        r_valid = torch.where(valid, r, 0)
+        # per-level sums and counts in one scatter (padding goes to a scratch slot K)
+        slot = torch.where(valid, level, K).reshape(-1)
+        sums = r.new_zeros(K + 1).index_add_(0, slot, r_valid.reshape(-1))
+        counts = torch.zeros(K + 1, dtype=torch.int64, device=r.device)
+        counts.index_add_(0, slot, torch.ones_like(slot))
+        present = counts[:K].nonzero().flatten().tolist()     # compact levels: present = 0 .. L-1
+        metrics = {f"rewards/group_{g}": sums[g] / counts[g] for g in present}
+        best, rest = level == 0, level > 0
         n_best, n_rest = best.sum(-1), rest.sum(-1)
         mean_best = torch.where(best, r, 0).sum(-1) / n_best.clamp(min=1)
         mean_rest = torch.where(rest, r, 0).sum(-1) / n_rest.clamp(min=1)
         both = (n_best > 0) & (n_rest > 0)
         metrics["rewards/margin"] = torch.where(both, mean_best - mean_rest, 0).sum() / both.sum()
-        pairs = valid[..., :, None] & valid[..., None, :] & (level[..., :, None] < level[..., None, :])
-        correct = pairs & (r[..., :, None] > r[..., None, :])
-        metrics["rewards/ranking_accuracy"] = correct.sum().to(r.dtype) / pairs.sum()
+        # pairs (i better than j) per list = (n² − Σ_g n_g²) / 2; a padding item gets level K and reward
+        # +inf so it is never the better item nor beaten, and never counted as correct
+        per_level = torch.zeros(level.shape[:-1] + (K + 1,), dtype=torch.int64, device=r.device)
+        per_level.scatter_add_(-1, torch.where(valid, level, K), torch.ones_like(level))
+        n = valid.sum(-1)
+        pairs = (n * n - (per_level[..., :K] ** 2).sum(-1)).sum() // 2
+        lv = torch.where(valid, level, K)
+        rv = torch.where(valid, r, float("inf"))
+        better_level = (lv[..., :, None] < lv[..., None, :]).view(torch.uint8)
+        correct = better_level.mul_((rv[..., :, None] > rv[..., None, :]).view(torch.uint8)).count_nonzero()
+        metrics["rewards/ranking_accuracy"] = correct.to(r.dtype) / pairs
     return metrics
 
 
