@@ -278,17 +278,17 @@ def test_listwise_gradcheck_float64(seed):
 # dtypes, backends, padding, inputs untouched
 # ------------------------------------------------------------------------------------------------------------
 
-def _all_losses(dtype):
+def _all_losses(dtype, device="cpu"):
     """(name, fn(tensors) -> output, tensors) for every loss on small random data."""
     B, K = 4, 5
-    r = lambda *s: torch.randn(*s).to(dtype)  # noqa: E731
-    groups = torch.tensor([[0, 0, 1, 2, -1]] * B)
+    r = lambda *s: torch.randn(*s).to(device=device, dtype=dtype)  # noqa: E731
+    groups = torch.tensor([[0, 0, 1, 2, -1]] * B, device=device)
+    log_q = torch.log_softmax(torch.ones(B, 3), -1).to(device)
     return [
         ("dpo", lambda t: losses.dpo_loss(*t, beta=0.2), [r(B), r(B), r(B), r(B)]),
         ("listwise", lambda t: losses.listwise_dpo_loss(*t, groups=groups, ties="efron"), [r(B, K), r(B, K)]),
         ("sdpo", lambda t: losses.sdpo_loss(*t), [r(B), r(B, 3), r(B), r(B, 3)]),
-        ("misp", lambda t: losses.misp_dpo_loss(*t, log_q=torch.log_softmax(torch.ones(B, 3), -1)),
-         [r(B), r(B), r(B, 3), r(B, 3)]),
+        ("misp", lambda t: losses.misp_dpo_loss(*t, log_q=log_q), [r(B), r(B), r(B, 3), r(B, 3)]),
     ]
 
 
@@ -619,16 +619,17 @@ def test_listwise_sortnet_vs_diffsort_formula(seed, relaxation):
     assert_close_grads(grads(out.loss, [policy, ref]), grads(want, [policy, ref]))
 
 
-def _sortnet_losses():
+def _sortnet_losses(device="cpu"):
     B, K = 3, 6
-    groups = SMPRO_GROUPS
+    groups = SMPRO_GROUPS.to(device)
     ranking = torch.stack([torch.argsort(torch.where(g >= 0, g, 99).float(), stable=True) for g in groups])
     ranking = torch.where(torch.gather(groups, 1, ranking) >= 0, ranking, -1)
+    r = lambda *s: torch.randn(*s).to(device)  # noqa: E731
     return [
         ("smpro", lambda t: losses.smpro_loss(*t, groups, within_weight=0.5, ranking=ranking),
-         [torch.randn(B, K), torch.randn(B, K)]),
+         [r(B, K), r(B, K)]),
         ("listwise_sortnet", lambda t: losses.listwise_dpo_loss(*t, groups=groups, ranker="sortnet"),
-         [torch.randn(B, K), torch.randn(B, K)]),
+         [r(B, K), r(B, K)]),
     ]
 
 
@@ -684,3 +685,31 @@ def test_bad_input_smpro():
         losses.smpro_loss(p, p, SMPRO_GROUPS[:1].expand(3, 6), within_weight=1.0, ranking=contradicting)
     with pytest.raises(ValueError, match="relaxation"):
         losses.smpro_loss(p, p, SMPRO_GROUPS, relaxation="sigmoid")
+
+
+def test_smpro_and_misp_gradcheck_float64(seed):
+    policy, ref = leaf(2, 5), leaf(2, 5)
+    groups = torch.tensor([[0, 0, 1, 2, -1], [1, 0, 1, 0, 2]])
+    ranking = torch.tensor([[1, 0, 2, 3, -1], [3, 1, 0, 2, 4]])
+    smpro = lambda p, r: losses.smpro_loss(p, r, groups, steepness=3.0, within_weight=0.5,  # noqa: E731
+                                           ranking=ranking).loss
+    assert torch.autograd.gradcheck(smpro, (policy, ref))
+    log_q = torch.log_softmax(torch.randn(2, 3, dtype=F64), -1).requires_grad_()
+    text = tuple(leaf(2) for _ in range(4))
+    misp = lambda pp, pn, q, tc: losses.misp_dpo_loss(pp, torch.zeros(2, dtype=F64), pn,  # noqa: E731
+                                                      torch.zeros(2, 3, dtype=F64), log_q=q,
+                                                      text=(tc, *text[1:])).loss
+    assert torch.autograd.gradcheck(misp, (leaf(2), leaf(2, 3), log_q, text[0]))
+
+
+@pytest.mark.cuda
+def test_losses_on_cuda_match_cpu(seed):
+    torch.manual_seed(seed)
+    cpu_cases = _all_losses(torch.float32) + _sortnet_losses()
+    torch.manual_seed(seed)
+    cuda_cases = _all_losses(torch.float32, "cuda") + _sortnet_losses("cuda")
+    for (name, fn, tensors), (_, cuda_fn, cuda_tensors) in zip(cpu_cases, cuda_cases, strict=True):
+        cpu, cuda = fn(tensors), cuda_fn(cuda_tensors)
+        torch.testing.assert_close(cuda.loss.cpu(), cpu.loss, msg=name)
+        for key, value in cpu.metrics.items():
+            torch.testing.assert_close(cuda.metrics[key].cpu(), value, equal_nan=True, msg=f"{name} {key}")
