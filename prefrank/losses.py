@@ -218,6 +218,15 @@ def _dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_ty
 # Listwise DPO (Plackett-Luce or sorting-network ranker), S-DPO
 # ------------------------------------------------------------------------------------------------------------
 
+def _check_ranking_input(ranking, policy_logps):
+    _checks.int_tensor("ranking", ranking)
+    _checks.same_device("policy_logps", policy_logps, ranking=ranking)
+    if ranking.shape[:-1] != policy_logps.shape[:-1] or ranking.dim() != policy_logps.dim():
+        raise ValueError(f"ranking must have the shape of policy_logps {tuple(policy_logps.shape)} (the "
+                         f"place axis may be shorter), got {tuple(ranking.shape)}")
+    plackett_luce._check_ranking(ranking, policy_logps.shape[-1])
+
+
 def _listwise_inputs(policy_logps, ref_logps, groups, ranking, mask):
     """Validate the (…, K) list inputs; return them flattened to (N, K) (views where possible)."""
     acc = _float_inputs(policy_logps=policy_logps, ref_logps=ref_logps)
@@ -226,7 +235,6 @@ def _listwise_inputs(policy_logps, ref_logps, groups, ranking, mask):
         raise ValueError("policy_logps must have at least one dimension (the items of each list)")
     if ranking is not None and groups is not None:
         raise ValueError("pass either ranking or groups, not both")
-    K = policy_logps.shape[-1]
     flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
     if groups is not None:
         _checks.int_tensor("groups", groups)
@@ -234,12 +242,7 @@ def _listwise_inputs(policy_logps, ref_logps, groups, ranking, mask):
         _checks.same_shape("policy_logps", policy_logps, groups=groups)
         plackett_luce._check_groups(groups)
     if ranking is not None:
-        _checks.int_tensor("ranking", ranking)
-        _checks.same_device("policy_logps", policy_logps, ranking=ranking)
-        if ranking.shape[:-1] != policy_logps.shape[:-1] or ranking.dim() != policy_logps.dim():
-            raise ValueError(f"ranking must have the shape of policy_logps {tuple(policy_logps.shape)} (the "
-                             f"place axis may be shorter), got {tuple(ranking.shape)}")
-        plackett_luce._check_ranking(ranking, K)
+        _check_ranking_input(ranking, policy_logps)
     if mask is not None:
         _checks.bool_tensor("mask", mask)
         _checks.same_device("policy_logps", policy_logps, mask=mask)
@@ -456,7 +459,8 @@ def smpro_loss(policy_logps, ref_logps, groups, *, beta=0.1, network="odd_even",
         raise ValueError("within_weight > 0 needs ranking: the internal order of the groups")
     policy, ref, groups_f, _, mask_f, acc = _listwise_inputs(policy_logps, ref_logps, groups, None, mask)
     if ranking is not None:
-        _, _, _, ranking_f, _, _ = _listwise_inputs(policy_logps, ref_logps, None, ranking, None)
+        _check_ranking_input(ranking, policy_logps)
+        ranking_f = ranking.reshape(-1, ranking.shape[-1])
     level = _item_levels(policy, groups=groups_f, mask=mask_f)
     valid = level >= 0
     rewards = torch.where(valid, _rewards(policy, ref, beta, acc), 0)  # padding may hold garbage
