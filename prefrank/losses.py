@@ -30,6 +30,9 @@ from torch import nn
 
 from prefrank import _checks, ops, plackett_luce
 
+__all__ = ["PreferenceLossOutput", "dpo_loss", "listwise_dpo_loss", "sdpo_loss", "smpro_loss",
+           "misp_dpo_loss", "DPOLoss", "ListwiseDPOLoss", "SDPOLoss", "SMPROLoss", "MISPDPOLoss"]
+
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 RANKERS = ("plackett_luce", "sortnet")
 SORTNET_OPTIONS = ("target", "network", "relaxation", "steepness", "art_lambda")
