@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefrank import _checks, ops, plackett_luce
+from prefrank import _checks, ops, plackett_luce, sortnet
 
 __all__ = ["PreferenceLossOutput", "dpo_loss", "listwise_dpo_loss", "sdpo_loss", "smpro_loss",
            "misp_dpo_loss", "DPOLoss", "ListwiseDPOLoss", "SDPOLoss", "SMPROLoss", "MISPDPOLoss"]
@@ -629,6 +629,7 @@ class SMPROLoss(nn.Module):
         self.beta = _positive_number("beta", beta)
         self.within_weight = _non_negative_number("within_weight", within_weight)
         self.anchor_weight = _non_negative_number("anchor_weight", anchor_weight)
+        sortnet._check_options(network, relaxation, steepness, 0.25)  # fail at construction, not mid-run
         self.network, self.relaxation, self.steepness = network, relaxation, steepness
 
     def forward(self, policy_logps, ref_logps, groups, mask=None, ranking=None):

@@ -425,6 +425,8 @@ def test_modules_equal_functional(seed):
         torch.testing.assert_close(module_out.loss, functional_out.loss)
     with pytest.raises(ValueError, match="beta"):
         losses.SMPROLoss(beta=0.0)
+    with pytest.raises(ValueError, match="relaxation"):
+        losses.SMPROLoss(relaxation="sigmoid")
     with pytest.raises(ValueError, match="loss_type"):
         losses.DPOLoss(loss_type="kto")
 
