@@ -30,17 +30,23 @@ def build_policy(config):
     """The initial policy, deterministically: the same config always gives the same weights."""
     vlm = build_tiny_vlm(seed=config.model_seed) if config.model is None else load_vlm(config.model)
     if config.init is not None:
-        vlm.model.load_state_dict(load_file(resolve_weights(config.init)))
+        vlm.model.load_state_dict(init_state_dict(config.init, type(vlm.model)))
     return vlm
 
 
-def resolve_weights(path):
-    """A .safetensors file, a model folder holding model.safetensors, or a run folder (its final/ model)."""
+def init_state_dict(path, model_class):
+    """Weights from a trainer run folder (its final/ model), an HF model folder, a trainer checkpoint folder
+    or a raw state-dict .safetensors file. HF folders go through from_pretrained: transformers may store
+    keys under a different (legacy) naming than the in-memory state dict."""
     path = Path(path)
-    for candidate in (path, path / "model.safetensors", path / "final" / "model.safetensors"):
+    if (path / "final" / "config.json").exists():
+        path = path / "final"
+    if (path / "config.json").exists():
+        return model_class.from_pretrained(path, local_files_only=True, dtype=torch.float32).state_dict()
+    for candidate in (path, path / "model.safetensors"):
         if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"init={str(path)!r}: no model.safetensors there (nor in its final/ folder)")
+            return load_file(candidate)
+    raise FileNotFoundError(f"init={str(path)!r}: neither a model folder, a run folder nor a checkpoint")
 
 
 def load_records(config, split):
