@@ -1,0 +1,384 @@
+"""The training loop: policy + frozen reference (or precomputed reference log-probs), AdamW with warmup,
+gradient accumulation, DDP/FSDP, bf16 autocast, metrics.jsonl + plots, exact-match evaluation, atomic
+checkpoints every N steps and on SIGTERM, exact resume.
+
+Batches are a pure function of (seed, step): the global batch of step s is positions [s·B, (s+1)·B) of the
+concatenated per-epoch permutations, split into grad_accum micro-batches and then across ranks, so a resumed
+run (or a run on a different number of processes with the same global batch) sees the same data.
+"""
+
+import contextlib
+import copy
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from prefrank.train import distributed as distributed_utils
+from prefrank.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from prefrank.train.data import load_jsonl, synthetic_dataset
+from prefrank.train.methods import METHODS, EncodedRecords
+from prefrank.train.model import SequenceScorer, build_tiny_vlm, load_vlm
+
+
+def build_policy(config):
+    """The initial policy, deterministically: the same config always gives the same weights."""
+    vlm = build_tiny_vlm(seed=config.model_seed) if config.model is None else load_vlm(config.model)
+    if config.init is not None:
+        vlm.model.load_state_dict(load_file(resolve_weights(config.init)))
+    return vlm
+
+
+def resolve_weights(path):
+    """A .safetensors file, a model folder holding model.safetensors, or a run folder (its final/ model)."""
+    path = Path(path)
+    for candidate in (path, path / "model.safetensors", path / "final" / "model.safetensors"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"init={str(path)!r}: no model.safetensors there (nor in its final/ folder)")
+
+
+def load_records(config, split):
+    method = METHODS[config.method]
+    if split == "train":
+        if config.data is None:
+            return synthetic_dataset(config.num_train, config.data_seed,
+                                     num_negatives=config.num_negatives if method.needs_negatives else 0)
+        return load_jsonl(config.data, config.data_root)
+    if config.eval_data is None:
+        return synthetic_dataset(config.num_eval, config.eval_seed) if config.data is None else []
+    return load_jsonl(config.eval_data, config.data_root)
+
+
+def batch_indices(step, num_examples, batch_size, seed):
+    """Record indices of the global batch of `step` (0-based): stateless, so resume needs no sampler state."""
+    indices = []
+    position = step * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(position, num_examples)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        permutation = torch.randperm(num_examples, generator=generator)
+        take = min(batch_size - len(indices), num_examples - offset)
+        indices.extend(permutation[offset:offset + take].tolist())
+        position += take
+    return indices
+
+
+def warmup_then_cosine(warmup_steps, total_steps):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def exact_match_accuracy(vlm, data, state, batch_size, max_new_tokens):
+    """Fraction of records whose greedy answer equals the record's target (case/space/period-insensitive).
+    Records are split across ranks; returns (accuracy, answers of this rank's share)."""
+    def normalise(text):
+        return text.strip().strip(".").strip().lower()
+
+    mine = list(range(state.rank, len(data), state.world_size))
+    correct, answers = 0, {}
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        outputs = vlm.generate([data.prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
+                               device=state.device)
+        for index, output in zip(chunk, outputs, strict=True):
+            answers[index] = output
+            correct += normalise(output) == normalise(data.records[index].target)
+    total = distributed_utils.sum_across_ranks(correct, state)
+    return total / len(data), answers
+
+
+@torch.no_grad()
+def sequence_logps(scorer, method, data, indices, device, autocast_dtype=None):
+    """Flat log-probs of `method`'s requests for records `indices` (in order), with their positions."""
+    batch = method.build_batch(data, indices).to(device)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        return scorer(batch.inputs, batch.labels), batch
+
+
+class Trainer:
+    def __init__(self, config, state=None):
+        self.config = config.validate()
+        self.state = state or distributed_utils.init_distributed()
+        self.method = METHODS[config.method]()
+        self.out = Path(config.out)
+        self.autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
+        self.stop_requested = False
+        self.on_step_end = None  # optional callback(step) (tests use it to deliver a SIGTERM mid-run)
+
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.vlm = build_policy(config)
+        self.vlm.model.to(self.state.device).train()
+        records = load_records(config, "train")
+        self.train_data = EncodedRecords.build(self.vlm, records, with_negatives=self.method.needs_negatives)
+        eval_records = load_records(config, "eval")
+        self.eval_data = EncodedRecords.build(self.vlm, eval_records) if eval_records else None
+        per_micro, remainder = divmod(config.batch_size, self.state.world_size * config.grad_accum)
+        if remainder or per_micro == 0:
+            raise ValueError(f"batch_size={config.batch_size} must be a positive multiple of world_size × "
+                             f"grad_accum = {self.state.world_size} × {config.grad_accum}")
+        self.micro_batch = per_micro
+
+        self.reference = None
+        self.reference_table = None
+        if self.method.needs_reference:
+            reference_model = copy.deepcopy(self.vlm.model).eval().requires_grad_(False)
+            if config.reference == "model":
+                self.reference = SequenceScorer(reference_model)
+            else:
+                self.reference_table = self._precompute_reference(SequenceScorer(reference_model))
+
+        self.scorer = distributed_utils.wrap(SequenceScorer(self.vlm.model), self.state, config.distributed)
+        self.optimizer = torch.optim.AdamW([p for p in self.vlm.model.parameters() if p.requires_grad],
+                                           lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_then_cosine(config.warmup_steps, config.steps))
+        self.step = 0
+
+    # -- reference -----------------------------------------------------------------------------------------
+    def _precompute_reference(self, scorer):
+        """Reference log-probs of every training record's requests, computed once (then the reference model
+        is dropped): table[i] = the flat log-probs of record i's requests."""
+        table = []
+        for start in range(0, len(self.train_data), self.config.eval_batch_size):
+            indices = list(range(start, min(start + self.config.eval_batch_size, len(self.train_data))))
+            logps, batch = sequence_logps(scorer, self.method, self.train_data, indices, self.state.device,
+                                          self.autocast_dtype)
+            for row in batch.positions:
+                table.append(logps[row[row >= 0]].cpu())
+        return table
+
+    def _reference_logps(self, batch):
+        if self.reference is not None:
+            with torch.no_grad(), torch.autocast(self.state.device.type, dtype=self.autocast_dtype,
+                                                 enabled=self.autocast_dtype is not None):
+                return self.reference(batch.inputs, batch.labels)
+        flat = torch.zeros(batch.labels.shape[0], dtype=torch.float32)
+        for row, index in zip(batch.positions.cpu(), batch.indices, strict=True):
+            flat[row[row >= 0]] = self.reference_table[index]
+        return flat.to(self.state.device)
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def model_state_dict(self):
+        if self.config.distributed == "fsdp" and self.state.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.vlm.model, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+        return self.vlm.model.state_dict()
+
+    def optimizer_state_dict(self):
+        if self.config.distributed == "fsdp" and self.state.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.vlm.model, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def save(self):
+        trainer_state = {"optimizer": self.optimizer_state_dict(), "scheduler": self.scheduler.state_dict()}
+        return save_checkpoint(self.out, self.step, self.model_state_dict(), trainer_state, self.state)
+
+    def resume(self):
+        path = latest_checkpoint(self.out)
+        if path is None:
+            return False
+        model_state, trainer_state, rng = load_checkpoint(path, self.state.rank)
+        if self.config.distributed == "fsdp" and self.state.enabled:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.vlm.model, model_state, options=options)
+            set_optimizer_state_dict(self.vlm.model, self.optimizer, trainer_state["optimizer"],
+                                     options=options)
+        else:
+            self.vlm.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(trainer_state["optimizer"])
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        self.step = trainer_state["step"]
+        if rng is not None:
+            set_rng_state(rng)
+        if self.state.is_main:  # drop metrics logged after the checkpoint: they will be logged again
+            metrics = self.out / "metrics.jsonl"
+            if metrics.exists():
+                kept = [line for line in metrics.read_text().splitlines()
+                        if json.loads(line)["step"] <= self.step]
+                metrics.write_text("".join(line + "\n" for line in kept))
+        return True
+
+    # -- loop ----------------------------------------------------------------------------------------------
+    def _log(self, row):
+        if self.state.is_main:
+            with open(self.out / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    def _micro_step(self, indices, token_normaliser, sync):
+        batch = self.method.build_batch(self.train_data, indices).to(self.state.device)
+        batch.extras["token_normaliser"] = torch.tensor(token_normaliser, device=self.state.device)
+        reference = self._reference_logps(batch) if self.method.needs_reference else None
+        skip_sync = not sync and hasattr(self.scorer, "no_sync")
+        context = self.scorer.no_sync() if skip_sync else contextlib.nullcontext()
+        with context:
+            with torch.autocast(self.state.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                policy = self.scorer(batch.inputs, batch.labels)
+            output = self.method.loss(policy, reference, batch, self.config)
+            (output.loss / self.config.grad_accum).backward()
+        return {"loss": output.loss.detach(), **output.metrics}
+
+    def _count_tokens(self, indices):
+        return sum(len(self.train_data.responses[i][j]) for i in indices
+                   for _, j in self.method.requests(self.train_data.records[i], f"record {i}"))
+
+    def train_step(self):
+        config, state = self.config, self.state
+        global_batch = batch_indices(self.step, len(self.train_data), config.batch_size, config.seed)
+        # SFT averages over all completion tokens of the global batch: each micro-batch divides its summed
+        # log-probs by tokens / (world × accum), so accumulation + the DDP average give the global mean.
+        token_normaliser = self._count_tokens(global_batch) / (state.world_size * config.grad_accum)
+        micro_global = config.batch_size // config.grad_accum
+        sums = {}
+        for micro in range(config.grad_accum):
+            chunk = global_batch[micro * micro_global:(micro + 1) * micro_global]
+            mine = chunk[state.rank * self.micro_batch:(state.rank + 1) * self.micro_batch]
+            values = self._micro_step(mine, token_normaliser, sync=micro == config.grad_accum - 1)
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value.float().cpu() / config.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.vlm.model.parameters(), config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        metrics = distributed_utils.mean_across_ranks(sums, state)
+        metrics = {key: float(value) for key, value in metrics.items()}
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def evaluate(self):
+        if self.eval_data is None:
+            return None
+        fsdp = distributed_utils.fsdp_modules(self.scorer) if self.config.distributed == "fsdp" else []
+        for module in fsdp:  # generation runs outside the wrapper's forward: gather the full parameters
+            module.unshard()
+        accuracy, _ = exact_match_accuracy(self.vlm, self.eval_data, self.state, self.config.eval_batch_size,
+                                           self.config.max_new_tokens)
+        for module in fsdp:
+            module.reshard()
+        return accuracy
+
+    def _request_stop(self, signum, frame):
+        self.stop_requested = True
+
+    def train(self):
+        """Run to `config.steps` (or until SIGTERM: then checkpoint and return). Returns the summary dict."""
+        config, state = self.config, self.state
+        self.out.mkdir(parents=True, exist_ok=True)
+        if config.resume:
+            self.resume()
+        elif state.is_main and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        if state.is_main:
+            (self.out / "config.json").write_text(json.dumps(vars(config), indent=2))
+        previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+        progress = None
+        if state.is_main and config.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=config.steps, initial=self.step, desc=config.method, dynamic_ncols=True)
+        started, interrupted = time.perf_counter(), False
+        try:
+            while self.step < config.steps:
+                metrics = self.train_step()
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    self._log({"step": self.step, **metrics})
+                if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
+                    self._log({"step": self.step, "eval/accuracy": self.evaluate()})
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if self.on_step_end is not None:
+                    self.on_step_end(self.step)
+                if distributed_utils.any_rank(self.stop_requested, state):
+                    self.save()
+                    interrupted = True
+                    break
+                if config.save_every and self.step % config.save_every == 0:
+                    self.save()
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            if progress is not None:
+                progress.close()
+        summary = {"step": self.step, "interrupted": interrupted,
+                   "train_seconds": time.perf_counter() - started}
+        if interrupted:
+            return summary
+        accuracy = self.evaluate()
+        if accuracy is not None:
+            self._log({"step": self.step, "eval/accuracy": accuracy})
+        summary.update(self._finish(accuracy))
+        return summary
+
+    def _finish(self, accuracy):
+        """Final checkpoint, HF model folder, parameter digest per rank, plots, final.json."""
+        self.save()
+        model_state = self.model_state_dict()
+        digest = parameter_digest(model_state)
+        digests = distributed_utils.all_gather_strings(digest, self.state)
+        summary = {"eval_accuracy": accuracy, "param_digests": digests}
+        if self.state.is_main:
+            self.vlm.model.save_pretrained(self.out / "final", state_dict=model_state)
+            self.vlm.processor.save_pretrained(self.out / "final")
+            rows = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+            last = [r for r in rows if "loss" in r][-max(1, self.config.steps // 10):]
+            summary["final_metrics"] = {k: sum(r[k] for r in last) / len(last)
+                                        for k in last[-1] if k not in ("step", "lr")}
+            from prefrank.train.plots import plot_metrics
+
+            plot_metrics(rows, self.out / "training.png", title=f"{self.config.method} ({self.out.name})")
+            (self.out / "final.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def parameter_digest(model_state):
+    """A hash of every parameter's bytes (DDP ranks must agree bit for bit)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(model_state):
+        digest.update(key.encode())
+        digest.update(model_state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(argv=None):
+    from prefrank.train.config import parse_args
+
+    config = parse_args(argv)
+    state = distributed_utils.init_distributed()
+    try:
+        summary = Trainer(config, state).train()
+    finally:
+        distributed_utils.shutdown(state)
+    if state.is_main:
+        shown = {k: v for k, v in summary.items() if k != "param_digests"}
+        print(json.dumps(shown, indent=2))
+    return summary

@@ -1,0 +1,109 @@
+"""One training step per method against independent oracles, gradient accumulation, CLI/config parsing."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from prefrank.train.config import TrainConfig, parse_args
+from prefrank.train.loop import Trainer, batch_indices
+from prefrank.train.methods import METHODS
+
+
+def tiny_config(tmp_path, method, **overrides):
+    values = dict(method=method, out=str(tmp_path / method), steps=1, batch_size=4, num_train=8, num_eval=4,
+                  num_negatives=2, lr=1e-2, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _params(trainer):
+    return {k: v.detach().clone() for k, v in trainer.vlm.model.state_dict().items()}
+
+
+def test_sft_step_matches_the_models_own_loss(tmp_path):
+    """The completion-only logprob path must give exactly HF's token-mean cross-entropy on the same batch."""
+    trainer = Trainer(tiny_config(tmp_path, "sft"))
+    indices = batch_indices(0, len(trainer.train_data), 4, trainer.config.seed)
+    batch = trainer.method.build_batch(trainer.train_data, indices)
+    hf_labels = torch.full_like(batch.labels, -100)  # HF shifts internally: label at t is scored by t-1
+    hf_labels[:, 1:] = batch.labels[:, :-1]
+    with torch.no_grad():
+        expected = trainer.vlm.model(**batch.inputs, labels=hf_labels).loss
+    before = _params(trainer)
+    metrics = trainer.train_step()
+    assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.vlm.model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["dpo", "listwise", "smpro", "misp_dpo"])
+def test_one_preference_step_per_method(tmp_path, method):
+    trainer = Trainer(tiny_config(tmp_path, method))
+    records = [trainer.train_data.records[i] for i in batch_indices(0, 8, 4, 0)]
+    before = _params(trainer)
+    metrics = trainer.train_step()
+    # step 1 starts at policy == reference: every implicit reward is exactly 0
+    if method == "dpo":
+        assert metrics["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    elif method == "misp_dpo":  # softplus(logsumexp of K zeros) + text DPO at zero margin
+        assert metrics["loss"] == pytest.approx(math.log(1 + 2) + math.log(2), rel=1e-6)
+    elif method == "listwise":  # Plackett-Luce, one gold then a Breslow-tied group of the K-1 others
+        expected = [math.log(len(r.responses)) + (len(r.responses) - 1) * math.log(len(r.responses) - 1)
+                    for r in records]
+        assert metrics["loss"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    after = trainer.vlm.model.state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in after.items())
+    # the reference stays frozen
+    reference = trainer.reference.model.state_dict()
+    assert all(torch.equal(before[k], reference[k]) for k in before)
+
+
+def test_precomputed_reference_matches_reference_model(tmp_path):
+    by_model = Trainer(tiny_config(tmp_path / "a", "listwise", steps=2)).train()
+    precomputed = Trainer(tiny_config(tmp_path / "b", "listwise", steps=2, reference="precomputed")).train()
+    for key, value in by_model["final_metrics"].items():
+        assert precomputed["final_metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    one = Trainer(tiny_config(tmp_path / "one", "sft", steps=2))
+    accumulated = Trainer(tiny_config(tmp_path / "acc", "sft", steps=2, grad_accum=2))
+    for trainer in (one, accumulated):
+        trainer.train_step()
+        trainer.train_step()
+    for key, value in one.vlm.model.state_dict().items():
+        torch.testing.assert_close(accumulated.vlm.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_train_writes_metrics_plots_and_final_model(tmp_path):
+    summary = Trainer(tiny_config(tmp_path, "dpo", steps=2, eval_every=1)).train()
+    out = tmp_path / "dpo"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [1, 2]
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0
+    assert (out / "training.png").stat().st_size > 0
+    assert (out / "final" / "model.safetensors").exists() and (out / "final.json").exists()
+
+
+def test_batches_cover_each_epoch_once():
+    seen = [i for step in range(4) for i in batch_indices(step, 10, 5, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert batch_indices(1, 10, 5, seed=3) == batch_indices(1, 10, 5, seed=3)
+
+
+def test_cli_and_config_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("method: dpo\nsteps: 7\nbeta: 0.2\n"
+                                     "loss_kwargs: {label_smoothing: 0.1}\n")
+    config = parse_args(["--config", str(tmp_path / "c.yaml"), "--steps", "3", "--lr", "0.5"])
+    assert (config.method, config.steps, config.beta, config.lr) == ("dpo", 3, 0.2, 0.5)
+    assert config.loss_kwargs == {"label_smoothing": 0.1}
+    (tmp_path / "c.json").write_text(json.dumps({"method": "listwise", "batch_sise": 3}))
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_args(["--config", str(tmp_path / "c.json")])
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(tiny_config(tmp_path, "sft", batch_size=3, grad_accum=2))
+    assert set(METHODS) == {"sft", "dpo", "listwise", "smpro", "misp_dpo"}
