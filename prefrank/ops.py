@@ -14,4 +14,5 @@ from prefrank.plackett_luce import plackett_luce_nll  # noqa: F401
 
 
 # -- sorting networks (sortnet family) --
+from prefrank.sortnet import soft_sort, sortnet_rank_loss  # noqa: F401
 

@@ -99,3 +99,107 @@ def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=Non
 # Sorting networks (sortnet family)
 # ------------------------------------------------------------------------------------------------------------
 
+def _sortnet_alpha(d, relaxation, steepness, art_lambda):
+    """Comparator weight α = f(d), d = x_v − x_u, exactly as the diffsort package computes it."""
+    if relaxation == "logistic":
+        return torch.sigmoid(d * steepness)
+    if relaxation == "logistic_phi":
+        return torch.sigmoid(d * steepness / (d.abs() + 1e-10).pow(art_lambda))
+    if relaxation == "gaussian":
+        return 0.5 + 0.5 * torch.erf(d / (1 / steepness) / 2.0**0.5)
+    z = d * steepness
+    if relaxation == "reciprocal":
+        return 0.5 * (z / (2 + z.abs()) + 1)
+    if relaxation == "cauchy":
+        return 1 / torch.pi * torch.atan(z) + 0.5
+    # "optimal": z + 1/2 on |z| ≤ 1/4, 1 − 1/(16z) above, −1/(16z) below
+    outside = (z > 0.25).to(z.dtype) - (z < -0.25).to(z.dtype)
+    return z.clamp(-0.25, 0.25) + 0.5 + outside * (0.25 - 1 / 16 / (z.abs() + 1e-10))
+
+
+def soft_sort(x, *, network="odd_even", relaxation="cauchy", steepness=10.0, art_lambda=0.25,
+              descending=False, dim=-1, return_permutation=True):
+    """Relaxed sorting network, one layer at a time (see ``prefrank.networks`` for the comparator rule).
+
+    Every wire w with partner p updates as ``x_w ← own·x_w + other·x_p`` with ``α = f(x_hi − x_lo)``
+    (lo/hi = the smaller/larger of w, p) and ``(own, other) = (α, 1−α)``, swapped when the comparator sends
+    the minimum to hi; P's columns mix the same way, ``P[:, w] ← own·P[:, w] + other·P[:, p]``, from P = I.
+    descending=True sorts −x and negates the values back (P unchanged), which is what feeding −x to
+    diffsort does. Returns (values, P or None) with values shaped like ``x`` and P shaped
+    ``x.shape without dim + (n, n)``.
+    """
+    from prefrank import networks
+
+    acc = _accumulation_dtype(x)
+    v = x.movedim(dim, -1).to(acc)
+    if descending:
+        v = -v
+    n = v.shape[-1]
+    partner, receives_min = networks.torch_tables(network, n, v.device)
+    wires = torch.arange(n, device=v.device)
+    P = None
+    if return_permutation:
+        P = torch.eye(n, dtype=acc, device=v.device).expand(v.shape[:-1] + (n, n))
+    for layer in range(partner.shape[0]):
+        p = partner[layer]
+        xp = v[..., p]
+        alpha = _sortnet_alpha(torch.where(p > wires, xp - v, v - xp), relaxation, steepness, art_lambda)
+        flipped = receives_min[layer] != (wires < p)
+        own = torch.where(flipped, 1 - alpha, alpha)
+        other = torch.where(flipped, alpha, 1 - alpha)
+        through = p == wires  # pass-through wires stay exact
+        own = torch.where(through, torch.ones_like(own), own)
+        other = torch.where(through, torch.zeros_like(other), other)
+        v = own * v + other * xp
+        if P is not None:
+            P = own[..., None, :] * P + other[..., None, :] * P[..., :, p]
+    if descending:
+        v = -v
+    return v.movedim(-1, dim), P
+
+
+def sortnet_rank_loss(scores, groups, *, target="block", network="odd_even", relaxation="cauchy",
+                      steepness=10.0, art_lambda=0.25, reduction="mean"):
+    """Ranking loss on the relaxed best-first sort of each list's valid items (one list at a time).
+
+    For every list: keep the items with ``groups >= 0`` in their original order (m of them; padding never
+    enters the sort), ``P = soft_sort(scores_valid, descending=True)`` (position 0 = best). The block of
+    item i is the positions its group occupies when groups are concatenated best-first:
+    ``[#{j: g_j < g_i}, #{j: g_j ≤ g_i})``.
+
+    - "block": ``−(1/m) Σ_i log(Σ_{r in block(i)} P[i, r])`` (mass clamped at the dtype's smallest normal);
+    - "permutation": ``BCE(P, Q)`` averaged over the m² entries, Q the one-hot of every item's rank (torch's
+      ``binary_cross_entropy``: logs clamped at −100; P clamped into [0, 1] against rounding).
+
+    A list without valid items scores 0. Per-list result for reduction="none".
+    """
+    acc = _accumulation_dtype(scores)
+    batch_shape, n = scores.shape[:-1], scores.shape[-1]
+    flat_scores = scores.reshape(-1, n).to(acc)
+    flat_groups = groups.reshape(-1, n)
+    losses = []
+    for s_row, g_row in zip(flat_scores, flat_groups, strict=True):
+        valid = g_row >= 0
+        m = int(valid.sum())
+        if m == 0:
+            losses.append(s_row.sum() * 0)
+            continue
+        s, g = s_row[valid], g_row[valid]
+        _, P = soft_sort(s, network=network, relaxation=relaxation, steepness=steepness,
+                         art_lambda=art_lambda, descending=True)
+        before = (g[None, :] < g[:, None]).sum(-1)
+        if target == "block":
+            upto = (g[None, :] <= g[:, None]).sum(-1)
+            r = torch.arange(m, device=s.device)
+            in_block = (r >= before[:, None]) & (r < upto[:, None])
+            mass = (P * in_block).sum(-1)
+            losses.append(-torch.log(mass.clamp_min(torch.finfo(acc).tiny)).mean())
+        else:
+            Q = torch.nn.functional.one_hot(before, m).to(acc)
+            losses.append(torch.nn.functional.binary_cross_entropy(P.clamp(0, 1), Q))
+    loss = torch.stack(losses).reshape(batch_shape)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    return loss
