@@ -1,6 +1,7 @@
 """Image corruptions for self-generated negatives (SeVa / SMPRO; papers.md §2.3).
 
-All functions act on a preprocessed pixel tensor (C, H, W) or (B, C, H, W), never modify it, and are
+All functions act on a preprocessed pixel tensor (C, H, W) or (B, C, H, W) (diffusion noise: any layout),
+never modify it, and are
 deterministic given a ``torch.Generator`` (random numbers are drawn on the CPU and moved to the tensor's
 device, so a seed gives the same corruption on every device).
 
@@ -55,8 +56,9 @@ def _randn_like(x, generator):
 
 
 def diffusion_noise(pixels, t, *, generator=None):
-    """√ᾱ_t·x_0 + √(1−ᾱ_t)·ε with SeVa's schedule; ``t`` an int in [0, 999]."""
-    _pixels(pixels)
+    """√ᾱ_t·x_0 + √(1−ᾱ_t)·ε with SeVa's schedule; ``t`` an int in [0, 999]. Any tensor layout works
+    (e.g. Qwen2-VL's flattened patches), not only (C, H, W) images."""
+    _checks.float_tensor("pixels", pixels)
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < NUM_DIFFUSION_STEPS:
         raise ValueError(f"t must be an int in [0, {NUM_DIFFUSION_STEPS - 1}], got {t!r}")
     alpha_bar = float(seva_alphas_cumprod()[t])

@@ -105,36 +105,39 @@ class GroupRecord:
 GenerateFn = Callable[..., list]
 
 
-def generate_group_records(generate: GenerateFn, pixels, questions, images, corruptions: Sequence[Corruption], *,
+def generate_group_records(generate: GenerateFn, views, questions, images, corruptions: Sequence[Corruption], *,
                            num_samples=2, temperature=1.0, negative_samples=0, max_per_group=None,
                            generator=None):
     """Self-generate SMPRO groups for a batch with the policy's ``generate`` callable.
 
-    ``generate(pixels (B, C, H, W), questions, do_sample, temperature, generator) -> list[str]`` (B answers)
-    is called once greedily and ``num_samples`` times sampled on the clean ``pixels``; then, for each
-    corruption (in the given severity order), once greedily plus ``negative_samples`` sampled on the corrupted
-    view. ``images`` are the ids written to the records. Budget: (1 + num_samples + M·(1 + negative_samples))
-    generated answers per prompt.
+    ``views``: one clean pixel tensor per prompt (a list, or a batched tensor split along dim 0).
+    ``generate(views, questions, do_sample, temperature, generator) -> list[str]`` (one answer per view) is
+    called once greedily and ``num_samples`` times sampled on the clean views; then, for each corruption (in
+    the given severity order), once greedily plus ``negative_samples`` sampled on the corrupted views (each
+    view corrupted separately, in order, with ``generator``). ``images`` are the ids written to the records.
+    Budget: 1 + num_samples + M·(1 + negative_samples) generated answers per prompt.
     """
-    if len(questions) != pixels.shape[0] or len(images) != pixels.shape[0]:
-        raise ValueError(f"questions ({len(questions)}) and images ({len(images)}) must match the pixels batch "
-                         f"({pixels.shape[0]})")
+    views = list(views)
+    if len(questions) != len(views) or len(images) != len(views):
+        raise ValueError(f"questions ({len(questions)}) and images ({len(images)}) must match the number of "
+                         f"views ({len(views)})")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
         raise ValueError(f"num_samples must be an int >= 0, got {num_samples!r}")
     if isinstance(negative_samples, bool) or not isinstance(negative_samples, int) or negative_samples < 0:
         raise ValueError(f"negative_samples must be an int >= 0, got {negative_samples!r}")
 
-    def answers(view, samples):
-        runs = [generate(view, questions, do_sample=False, temperature=1.0, generator=generator)]
-        runs += [generate(view, questions, do_sample=True, temperature=temperature, generator=generator)
+    def answers(batch, samples):
+        runs = [generate(batch, questions, do_sample=False, temperature=1.0, generator=generator)]
+        runs += [generate(batch, questions, do_sample=True, temperature=temperature, generator=generator)
                  for _ in range(samples)]
         for run in runs:
             if len(run) != len(questions):
                 raise ValueError(f"generate returned {len(run)} answers for a batch of {len(questions)}")
         return [[run[b] for run in runs] for b in range(len(questions))]
 
-    positives = answers(pixels, num_samples)
-    negatives = [answers(corruption(pixels, generator=generator), negative_samples) for corruption in corruptions]
+    positives = answers(views, num_samples)
+    negatives = [answers([corruption(view, generator=generator) for view in views], negative_samples)
+                 for corruption in corruptions]
     records = []
     for b in range(len(questions)):
         responses, groups = build_groups(positives[b], [level[b] for level in negatives],
