@@ -107,3 +107,18 @@ def test_cli_and_config_file(tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         Trainer(tiny_config(tmp_path, "sft", batch_size=3, grad_accum=2))
     assert set(METHODS) == {"sft", "dpo", "listwise", "smpro", "misp_dpo"}
+
+
+def test_init_from_a_run_folder_and_model_flag(tmp_path):
+    """`init` = a previous run folder restores its final weights; `model` = its final/ HF folder loads the
+    same model through AutoModelForImageTextToText + AutoProcessor."""
+    first = Trainer(tiny_config(tmp_path, "sft", steps=1))
+    first.train()
+    trained = first.vlm.model.state_dict()
+    from_run = Trainer(tiny_config(tmp_path / "b", "dpo", init=str(tmp_path / "sft")))
+    from_folder = Trainer(tiny_config(tmp_path / "c", "dpo", model=str(tmp_path / "sft" / "final")))
+    for trainer in (from_run, from_folder):
+        state = trainer.vlm.model.state_dict()
+        assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
+    assert from_folder.train_data.prompts[0]["input_ids"].tolist() == first.train_data.prompts[0][
+        "input_ids"].tolist()

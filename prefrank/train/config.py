@@ -15,6 +15,7 @@ class TrainConfig:
     model: str | None = None
     init: str | None = None  # policy (and reference) weights: a model folder or a trainer run folder
     model_seed: int = 0
+    tiny_model: dict = field(default_factory=dict)  # build_tiny_vlm keyword arguments (sizes)
     # data: None = the embedded synthetic task; else a JSONL file (images resolved under data_root)
     data: str | None = None
     data_root: str | None = None

@@ -50,8 +50,9 @@ def wrap(module, state, strategy):
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(module, device_ids=[state.device.index] if state.device.type == "cuda"
-                                       else None)
+        # VLMs routinely hold parameters outside the loss path (LLaVA never uses CLIP's post_layernorm)
+        device_ids = [state.device.index] if state.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
     from torch.distributed.fsdp import fully_shard
 
     for submodule in list(module.modules()):
