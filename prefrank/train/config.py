@@ -47,6 +47,10 @@ class TrainConfig:
     resume: bool = False
     distributed: str = "ddp"  # ddp | fsdp (only used under torchrun with WORLD_SIZE > 1)
     progress: bool = True
+    # -- selfpref (issue 7): self-generated SMPRO groups / MISP-DPO negatives, see prefrank.train.selfpref --
+    self_generate: str = "off"  # off | offline | online (online: SMPRO groups regenerated every N steps)
+    regenerate_every: int = 0
+    selfpref: dict = field(default_factory=dict)  # SelfPrefOptions fields (samples, corruption, pool, SAE …)
 
     def validate(self):
         from prefrank.train.methods import METHODS
@@ -103,6 +107,10 @@ def parse_args(argv=None):
         "seed": dict(type=int), "num_train": dict(type=int), "num_eval": dict(type=int),
         "eval_every": dict(type=int), "save_every": dict(type=int), "log_every": dict(type=int),
         "distributed": dict(choices=["ddp", "fsdp"]),
+        # -- selfpref (issue 7) --
+        "self_generate": dict(choices=["off", "offline", "online"],
+                              help="smpro/misp_dpo: build the preference data with the policy itself"),
+        "regenerate_every": dict(type=int, help="online SMPRO: new groups every N steps"),
     }
     for name, options in flags.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **options)

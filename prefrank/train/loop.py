@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from prefrank.train import distributed as distributed_utils
+from prefrank.train import selfpref
 from prefrank.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from prefrank.train.data import load_jsonl, synthetic_dataset
 from prefrank.train.methods import METHODS, EncodedRecords
@@ -134,6 +135,11 @@ class Trainer:
         self.vlm = build_policy(config)
         self.vlm.model.to(self.state.device).train()
         records = train_records if train_records is not None else load_records(config, "train")
+        # -- selfpref hook (issue 7): policy-generated SMPRO groups / MISP-DPO negatives --
+        self.self_generator = selfpref.SelfGenerator.from_config(config, self.vlm, self.state)
+        if self.self_generator is not None:
+            self.method = self.self_generator.method(self.method)
+            records = self.self_generator.prepare(records)
         self.train_data = EncodedRecords.build(self.vlm, records, with_negatives=self.method.needs_negatives)
         if eval_records is None:
             eval_records = load_records(config, "eval")
@@ -261,6 +267,8 @@ class Trainer:
 
     def train_step(self):
         config, state = self.config, self.state
+        if self.self_generator is not None:  # selfpref hook (issue 7): online regeneration rounds
+            self.self_generator.on_step(self)
         global_batch = batch_indices(self.step, len(self.train_data), config.batch_size, config.seed)
         # SFT averages over all completion tokens of the global batch: each micro-batch divides its summed
         # log-probs by tokens / (world × accum), so accumulation + the DDP average give the global mean.
