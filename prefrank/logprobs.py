@@ -313,7 +313,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 def default_chunk_size(V, dtype, device):
     """Tokens per lm-head chunk so one chunk of logits stays within CHUNK_BUDGET_BYTES for the device."""
     budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, CHUNK_BUDGET_BYTES["cpu"])
-    return max(1, budget // (max(V, 1) * torch.empty((), dtype=dtype).element_size()))
+    return max(1, budget // (max(V, 1) * dtype.itemsize))
 
 
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, segment_ids=None, num_segments=None,
