@@ -9,11 +9,13 @@
 // (used by linear_sequence_logprobs on its own chunk buffer, never on user tensors).
 //
 // fp16/bf16/fp32 rows accumulate in float with a vectorisable exp (Cody-Waite + degree-7 polynomial,
-// ≤ 1e-7 relative error); float64 rows use double and std::exp (gradcheck precision).
+// ≤ 1e-7 relative error); float64 rows use double and std::exp (gradcheck precision). The row loops live in
+// logprobs_rows.h, compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,62 +24,54 @@
 namespace prefrank {
 namespace {
 
-// exp for float that gcc vectorises under `omp simd` (libm's expf is a scalar call). Inputs here are
-// ≤ ~0 (logit − max or logit − lse); below -87 the result underflows to 0. NaN propagates.
-__attribute__((always_inline)) inline float vec_exp(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  // round-to-nearest of xc·log2(e) with the 1.5·2^23 trick (vectorises, unlike roundf)
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;  // ln2 split hi/lo
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace rows_avx512 {
+#include "logprobs_rows.h"
 }
-__attribute__((always_inline)) inline double vec_exp(double x) { return std::exp(x); }
-
-template <typename acc_t, typename scalar_t>
-__attribute__((always_inline)) inline acc_t up(scalar_t x) {
-  return static_cast<acc_t>(x);
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace rows_avx2 {
+#include "logprobs_rows.h"
+}
+#pragma GCC pop_options
+namespace rows_baseline {
+#include "logprobs_rows.h"
 }
 
-// log Σ_v exp(x_v · inv_temp) of one row (two passes: max, then the sum; the row stays in cache).
-template <typename acc_t, typename scalar_t>
-__attribute__((target_clones("avx512f", "avx2", "default"))) acc_t row_lse(const scalar_t* x, int64_t V,
-                                                                             acc_t inv_temp) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t v = 0; v < V; ++v) {
-    const acc_t xv = up<acc_t>(x[v]);
-    m = xv > m ? xv : m;
+enum class Isa { avx512, avx2, baseline };
+Isa detect_isa() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+  return Isa::baseline;
+}
+const Isa kIsa = detect_isa();
+
+template <typename scalar_t>
+using Elem = rows_baseline::Elem<scalar_t>;  // raw/acc types (identical in every variant)
+
+template <typename scalar_t>
+typename Elem<scalar_t>::acc row_lse(const typename Elem<scalar_t>::raw* x, int64_t V,
+                                     typename Elem<scalar_t>::acc inv_temp) {
+  switch (kIsa) {
+    case Isa::avx512: return rows_avx512::row_lse<rows_avx512::Elem<scalar_t>>(x, V, inv_temp);
+    case Isa::avx2: return rows_avx2::row_lse<rows_avx2::Elem<scalar_t>>(x, V, inv_temp);
+    default: return rows_baseline::row_lse<rows_baseline::Elem<scalar_t>>(x, V, inv_temp);
   }
-  const acc_t shift = m * inv_temp;  // temperature > 0 keeps the argmax
-  // a row of -inf only: log 0 (the reference's log_softmax gives NaN logps there too)
-  if (shift == -std::numeric_limits<acc_t>::infinity()) return shift;
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t v = 0; v < V; ++v) s += vec_exp(up<acc_t>(x[v]) * inv_temp - shift);
-  return shift + std::log(s);
 }
 
-// out_v = −scale · exp(x_v · inv_temp − lse), then out_y += scale (δ term). out may alias x.
-template <typename acc_t, typename scalar_t>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void row_grad(const scalar_t* x, scalar_t* out,
-                                                                             int64_t V, int64_t label,
-                                                                             acc_t inv_temp, acc_t lse,
-                                                                             acc_t scale) {
-  const acc_t p_label = vec_exp(up<acc_t>(x[label]) * inv_temp - lse);  // read before an in-place write
-#pragma omp simd
-  for (int64_t v = 0; v < V; ++v) out[v] = static_cast<scalar_t>(-scale * vec_exp(up<acc_t>(x[v]) * inv_temp - lse));
-  out[label] = static_cast<scalar_t>(scale * (acc_t(1) - p_label));
+template <typename scalar_t, typename acc_t = typename Elem<scalar_t>::acc>
+void row_grad(const typename Elem<scalar_t>::raw* x, typename Elem<scalar_t>::raw* out, int64_t V,
+              int64_t label, acc_t inv_temp, acc_t lse, acc_t scale) {
+  switch (kIsa) {
+    case Isa::avx512:
+      return rows_avx512::row_grad<rows_avx512::Elem<scalar_t>>(x, out, V, label, inv_temp, lse, scale);
+    case Isa::avx2:
+      return rows_avx2::row_grad<rows_avx2::Elem<scalar_t>>(x, out, V, label, inv_temp, lse, scale);
+    default:
+      return rows_baseline::row_grad<rows_baseline::Elem<scalar_t>>(x, out, V, label, inv_temp, lse, scale);
+  }
 }
 
 struct Layout {
@@ -105,8 +99,10 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_fwd_cpu(const at::Tensor& l
   at::Tensor logp = at::empty(labels.sizes(), logits.options().dtype(acc_dtype));
   at::Tensor lse = at::empty(labels.sizes(), logits.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sequence_logprobs_fwd", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    using E = Elem<scalar_t>;
+    using acc_t = typename E::acc;
+    using raw_t = typename E::raw;
+    const raw_t* x = reinterpret_cast<const raw_t*>(logits.const_data_ptr<scalar_t>());
     const int64_t* y = labels.const_data_ptr<int64_t>();
     acc_t* out_logp = logp.mutable_data_ptr<acc_t>();
     acc_t* out_lse = lse.mutable_data_ptr<acc_t>();
@@ -120,10 +116,10 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_fwd_cpu(const at::Tensor& l
           continue;
         }
         TORCH_CHECK(label >= 0 && label < L.V, "sequence_logprobs: label ", label, " outside [0, ", L.V, ")");
-        const scalar_t* row = x + (n / L.T) * L.stride_b + (n % L.T) * L.stride_t;
-        const acc_t row_lse_value = row_lse<acc_t>(row, L.V, inv_temp);
+        const raw_t* row = x + (n / L.T) * L.stride_b + (n % L.T) * L.stride_t;
+        const acc_t row_lse_value = row_lse<scalar_t>(row, L.V, inv_temp);
         out_lse[n] = row_lse_value;
-        out_logp[n] = up<acc_t>(row[label]) * inv_temp - row_lse_value;
+        out_logp[n] = E::load(row[label]) * inv_temp - row_lse_value;
       }
     });
   });
@@ -143,9 +139,11 @@ void backward_into(const at::Tensor& grad_logp, const at::Tensor& logits, const 
   const at::Tensor lse_c = lse.contiguous();
   const int64_t ob = out.stride(0), ot = out.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sequence_logprobs_bwd", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    using E = Elem<scalar_t>;
+    using acc_t = typename E::acc;
+    using raw_t = typename E::raw;
+    const raw_t* x = reinterpret_cast<const raw_t*>(logits.const_data_ptr<scalar_t>());
+    raw_t* o = reinterpret_cast<raw_t*>(out.mutable_data_ptr<scalar_t>());
     const int64_t* y = labels.const_data_ptr<int64_t>();
     const acc_t* gp = g.const_data_ptr<acc_t>();
     const acc_t* lp = lse_c.const_data_ptr<acc_t>();
@@ -153,14 +151,14 @@ void backward_into(const at::Tensor& grad_logp, const at::Tensor& logits, const 
     at::parallel_for(0, L.n_tokens, grain(L.V), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const int64_t b = n / L.T, t = n % L.T;
-        scalar_t* out_row = o + b * ob + t * ot;
+        raw_t* out_row = o + b * ob + t * ot;
         const int64_t label = y[n];
         if (label == ignore_index) {  // zero gradient, the row is never read
-          std::fill(out_row, out_row + L.V, scalar_t(0));
+          std::fill(out_row, out_row + L.V, raw_t(0));  // +0.0 in every format
           continue;
         }
         TORCH_CHECK(label >= 0 && label < L.V, "sequence_logprobs: label ", label, " outside [0, ", L.V, ")");
-        row_grad<acc_t>(x + b * L.stride_b + t * L.stride_t, out_row, L.V, label, inv_temp, lp[n],
+        row_grad<scalar_t>(x + b * L.stride_b + t * L.stride_t, out_row, L.V, label, inv_temp, lp[n],
                         gp[n] * inv_temp);
       }
     });

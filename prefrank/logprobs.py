@@ -274,7 +274,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             lp, ls = _token_fwd(logits.unsqueeze(0), labels[s:e].unsqueeze(0), ignore_index, temperature)
             logp[s:e] = lp[0]
             lse[s:e] = ls[0]
-            del logits
+            del logits  # free this chunk before the next one is allocated: one chunk live at a time
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(h, weight, bias, labels, lse)
         ctx.ignore_index, ctx.temperature, ctx.chunk = ignore_index, temperature, chunk
@@ -304,7 +304,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                     grad_w.addmm_(g.t().to(acc), h[s:e].to(acc))
             if need_b:
                 grad_b += g.sum(0, dtype=acc)
-            del g
+            del g  # one chunk live at a time
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None
@@ -313,7 +313,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 def default_chunk_size(V, dtype, device):
     """Tokens per lm-head chunk so one chunk of logits stays within CHUNK_BUDGET_BYTES for the device."""
     budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, CHUNK_BUDGET_BYTES["cpu"])
-    return max(1, budget // (max(V, 1) * torch.empty((), dtype=dtype).element_size()))
+    return max(1, budget // (max(V, 1) * dtype.itemsize))
 
 
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, segment_ids=None, num_segments=None,

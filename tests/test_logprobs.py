@@ -368,6 +368,26 @@ def test_reference_backend_is_the_reference(seed):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_matches_reference(seed, dtype):
+    """The compiled Triton kernels on a GPU (skipped without one; benchmarks/gpu.sh runs it)."""
+    logits, labels = _case(4, 100, 50257, dtype=dtype)
+    logits, labels = logits.cuda()[:, :-1], labels.cuda()[:, 1:]
+    _check_against_reference("triton", logits, labels, temperature=0.7, scale=100)
+    segment_ids = torch.randint(-1, 3, labels.shape, device="cuda")
+    _check_against_reference("triton", logits, labels, segment_ids=segment_ids, num_segments=3, scale=100)
+    hidden, weight, bias, labels = (t.cuda() for t in _linear_case(torch.float32))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = ops.linear_sequence_logprobs(h, w, labels, bias=bias, chunk_size=4)
+    ref = reference.linear_sequence_logprobs(hr, wr, labels, bias=bias)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(out.sum(), (h, w))
+    for g, r in zip(grads, torch.autograd.grad(ref.sum(), (hr, wr)), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # bad inputs
 # ---------------------------------------------------------------------------------------------------------
