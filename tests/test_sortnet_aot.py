@@ -21,13 +21,14 @@ def _specs(n, dtype="fp32"):
                         "HAS_SIZES": "constexpr", "MODE": "constexpr", "BLOCK_R": "constexpr",
                         "BLOCK_N": "constexpr"}
     rows_backward_sig = {"alpha_ptr": f, "sizes_ptr": i64, "grad_perm_ptr": f, "grad_loss_ptr": f,
-                         "lo_ptr": i64, "hi_ptr": i64, "ckpt_ptr": f, "dalpha_ptr": f, "n": "i32", "max_layers": "i32",
-                         "num_ckpt": "i32", "ckpt_every": "i32", "network": "i32", "HAS_SIZES": "constexpr",
-                         "MODE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_N": "constexpr"}
+                         "lo_ptr": i64, "hi_ptr": i64, "ckpt_ptr": f, "dalpha_ptr": f, "n": "i32",
+                         "max_layers": "i32", "num_ckpt": "i32", "ckpt_every": "i32", "network": "i32",
+                         "HAS_SIZES": "constexpr", "MODE": "constexpr", "BLOCK_R": "constexpr",
+                         "BLOCK_N": "constexpr"}
     values_backward = {"grad_values_ptr": f, "xs_ptr": f, "alpha_ptr": f, "dalpha_ptr": f,
                        "sizes_ptr": i64, "grad_x_ptr": f, "n": "i32", "max_layers": "i32", "network": "i32",
-                       "relaxation": "i32", "s": "fp32", "lam": "fp32", "HAS_GRAD_VALUES": "constexpr", "HAS_DALPHA": "constexpr",
-                       "HAS_SIZES": "constexpr", "BLOCK_N": "constexpr"}
+                       "relaxation": "i32", "s": "fp32", "lam": "fp32", "HAS_GRAD_VALUES": "constexpr",
+                       "HAS_DALPHA": "constexpr", "HAS_SIZES": "constexpr", "BLOCK_N": "constexpr"}
     for has_sizes in (False, True):  # soft_sort / rank losses
         specs.append(("_values_forward_kernel", values_forward, {"HAS_SIZES": has_sizes, "BLOCK_N": block_n}))
     for mode in (0, 1, 2):  # P / block loss / permutation loss
