@@ -230,6 +230,7 @@ def _register():
 
     def forward_setup(ctx, inputs, output):
         x, network, relaxation, steepness, art_lambda, with_perm = inputs
+        ctx.set_materialize_grads(False)  # an unused P must not cost a backward pass through P
         ctx.save_for_backward(x, output[2])
         ctx.options = (network, relaxation, steepness, art_lambda)
 
