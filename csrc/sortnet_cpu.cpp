@@ -9,7 +9,7 @@
 //    row on the fly.
 //  * backward: the value trajectory is recomputed from x and the saved α (O(L·m)); for the P part each row
 //    block is re-run forward keeping its trajectory (L·m·R values of per-thread scratch, R chosen so this
-//    stays ≤ 2^21 elements), then the adjoint rows are pulled back layer by layer while accumulating
+//    stays ≤ 2^20 elements), then the adjoint rows are pulled back layer by layer while accumulating
 //    ∂L/∂α_c = ±Σ_r (Ḡ[lo][r] − Ḡ[hi][r])·(Q[lo][r] − Q[hi][r]). Nothing of size L·n² is ever stored.
 //
 // Gradient of one comparator (lo < hi, own/other = α/(1−α), swapped when flipped), with a, b the values
@@ -32,8 +32,8 @@ namespace {
 using namespace sortnet;
 
 enum Target : int64_t { kBlock = 0, kPermutation = 1 };
-// Per-thread trajectory scratch of the backward (elements); the row block shrinks to stay within it.
-constexpr int64_t kScratchElements = int64_t(1) << 18;
+// Per-thread trajectory scratch of the backward (elements, 4 MiB in fp32); the row block shrinks to fit.
+constexpr int64_t kScratchElements = int64_t(1) << 20;
 
 // The row loops are the hot spot: also compile them for AVX2, picked at load time on CPUs that have it.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)

@@ -394,6 +394,10 @@ def test_bad_input_errors():
         ops.sortnet_rank_loss(x, groups - 2)
     with pytest.raises(ValueError, match="art_lambda"):
         ops.soft_sort(x, art_lambda=-1.0)
+    from prefrank.triton_kernels import sortnet as kernels
+
+    from prefrank import sortnet
+    assert sortnet.TRITON_MAX_N == kernels.MAX_N == 512
     with use_backend("triton"), pytest.raises(ValueError, match="n=513 items exceeds.*limit of 512"):
         ops.soft_sort(torch.randn(1, 513))
     with use_backend("triton"), pytest.raises(ValueError, match="exceeds"):
