@@ -9,7 +9,7 @@
 //    row on the fly.
 //  * backward: the value trajectory is recomputed from x and the saved α (O(L·m)); for the P part each row
 //    block is re-run forward keeping its trajectory (L·m·R values of per-thread scratch, R chosen so this
-//    stays ≤ 2^21 elements), then the adjoint rows are pulled back layer by layer while accumulating
+//    stays ≤ 2^20 elements), then the adjoint rows are pulled back layer by layer while accumulating
 //    ∂L/∂α_c = ±Σ_r (Ḡ[lo][r] − Ḡ[hi][r])·(Q[lo][r] − Q[hi][r]). Nothing of size L·n² is ever stored.
 //
 // Gradient of one comparator (lo < hi, own/other = α/(1−α), swapped when flipped), with a, b the values
@@ -32,19 +32,31 @@ namespace {
 using namespace sortnet;
 
 enum Target : int64_t { kBlock = 0, kPermutation = 1 };
-constexpr int64_t kScratchElements = int64_t(1) << 21;
+// Per-thread trajectory scratch of the backward (elements, 4 MiB in fp32); the row block shrinks to fit.
+constexpr int64_t kScratchElements = int64_t(1) << 20;
+
+// The row loops are the hot spot: also compile them for AVX2, picked at load time on CPUs that have it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PF_HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define PF_HOT
+#endif
 
 // The comparators of a network on m wires, layer by layer (pass-through wires omitted).
 struct Schedule {
   int64_t layers = 0;
-  std::vector<int64_t> start;  // comparators of layer l: [start[l], start[l+1])
+  std::vector<int64_t> start;          // comparators of layer l: [start[l], start[l+1])
   std::vector<int32_t> lo, hi;
   std::vector<uint8_t> flipped;
+  std::vector<int64_t> through_start;  // pass-through wires of layer l: [through_start[l], through_start[l+1])
+  std::vector<int32_t> through;
 
   Schedule(int64_t network, int64_t m) : layers(num_layers(network, m)) {
     start.reserve(layers + 1);
+    through_start.reserve(layers + 1);
     for (int64_t l = 0; l < layers; ++l) {
       start.push_back(static_cast<int64_t>(lo.size()));
+      through_start.push_back(static_cast<int64_t>(through.size()));
       for (int64_t w = 0; w < m; ++w) {
         bool flip = false;
         const int64_t p = partner(network, m, l, w, &flip);
@@ -52,10 +64,13 @@ struct Schedule {
           lo.push_back(static_cast<int32_t>(w));
           hi.push_back(static_cast<int32_t>(p));
           flipped.push_back(flip);
+        } else if (p == w) {
+          through.push_back(static_cast<int32_t>(w));
         }
       }
     }
     start.push_back(static_cast<int64_t>(lo.size()));
+    through_start.push_back(static_cast<int64_t>(through.size()));
   }
 };
 
@@ -83,11 +98,13 @@ void values_forward(const Schedule& net, const Options<acc_t>& o, acc_t* x, acc_
   }
 }
 
-// One layer of the P-row block Q (wire-major, rows of length R, rr of them used).
+// One layer of the P-row block Q (wire-major, rows of length R, rr of them used); in == out is allowed.
 template <typename acc_t>
-inline void rows_layer(const Schedule& net, int64_t l, const acc_t* alpha_l, const acc_t* in, acc_t* out,
-                       int64_t m, int64_t R, int64_t rr) {
-  if (in != out) std::copy(in, in + m * R, out);
+PF_HOT void rows_layer(const Schedule& net, int64_t l, const acc_t* alpha_l, const acc_t* in, acc_t* out,
+                       int64_t R, int64_t rr) {
+  if (in != out)
+    for (int64_t t = net.through_start[l]; t < net.through_start[l + 1]; ++t)
+      std::copy(in + net.through[t] * R, in + net.through[t] * R + rr, out + net.through[t] * R);
   for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
     const int32_t lo = net.lo[c], hi = net.hi[c];
     const acc_t al = alpha_l[lo];
@@ -115,6 +132,32 @@ inline void identity_rows(acc_t* Q, int64_t m, int64_t R, int64_t row0) {
 inline int64_t rows_per_block(int64_t layers, int64_t m) {
   const int64_t fit = kScratchElements / std::max<int64_t>(1, (layers + 1) * m);
   return std::max<int64_t>(1, std::min<int64_t>({m, int64_t(64), fit}));
+}
+
+// Pull the adjoint rows G back through layer l (Q = the rows entering it), adding ∂L/∂α to dalpha_l.
+template <typename acc_t>
+PF_HOT void rows_layer_backward(const Schedule& net, int64_t l, const acc_t* alpha_l, const acc_t* Q, acc_t* G,
+                                acc_t* dalpha_l, int64_t R, int64_t rr) {
+  for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
+    const int32_t lo = net.lo[c], hi = net.hi[c];
+    const acc_t al = alpha_l[lo];
+    const bool flip = net.flipped[c];
+    const acc_t own = flip ? acc_t(1) - al : al;
+    const acc_t other = flip ? al : acc_t(1) - al;
+    const acc_t* a = Q + lo * R;
+    const acc_t* b = Q + hi * R;
+    acc_t* ga = G + lo * R;
+    acc_t* gb = G + hi * R;
+    acc_t acc = acc_t(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t r = 0; r < rr; ++r) {
+      const acc_t gl = ga[r], gh = gb[r];
+      acc += (gl - gh) * (a[r] - b[r]);
+      ga[r] = own * gl + other * gh;
+      gb[r] = other * gl + own * gh;
+    }
+    dalpha_l[lo] += flip ? -acc : acc;
+  }
 }
 
 // Adjoint of the values, given ∂L/∂α from the P part (dalpha, layers × n, indexed at lo): g (m) holds ∂L/∂values
@@ -170,32 +213,11 @@ void rows_backward(const Schedule& net, const acc_t* alpha, int64_t n, int64_t m
     const int64_t rr = std::min(R, m - row0);
     identity_rows(traj.data(), m, R, row0);
     for (int64_t l = 0; l < L; ++l)
-      rows_layer(net, l, alpha + l * n, traj.data() + l * m * R, traj.data() + (l + 1) * m * R, m, R, rr);
+      rows_layer(net, l, alpha + l * n, traj.data() + l * m * R, traj.data() + (l + 1) * m * R, R, rr);
     std::fill(G.begin(), G.end(), acc_t(0));
     seed(row0, rr, R, traj.data() + L * m * R, G.data());
-    for (int64_t l = L - 1; l >= 0; --l) {
-      const acc_t* Q = traj.data() + l * m * R;
-      for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
-        const int32_t lo = net.lo[c], hi = net.hi[c];
-        const acc_t al = alpha[l * n + lo];
-        const bool flip = net.flipped[c];
-        const acc_t own = flip ? acc_t(1) - al : al;
-        const acc_t other = flip ? al : acc_t(1) - al;
-        const acc_t* a = Q + lo * R;
-        const acc_t* b = Q + hi * R;
-        acc_t* ga = G.data() + lo * R;
-        acc_t* gb = G.data() + hi * R;
-        acc_t acc = acc_t(0);
-#pragma omp simd reduction(+ : acc)
-        for (int64_t r = 0; r < rr; ++r) {
-          const acc_t gl = ga[r], gh = gb[r];
-          acc += (gl - gh) * (a[r] - b[r]);
-          ga[r] = own * gl + other * gh;
-          gb[r] = other * gl + own * gh;
-        }
-        dalpha[l * n + lo] += flip ? -acc : acc;
-      }
-    }
+    for (int64_t l = L - 1; l >= 0; --l)
+      rows_layer_backward(net, l, alpha + l * n, traj.data() + l * m * R, G.data(), dalpha + l * n, R, rr);
   }
 }
 
@@ -234,10 +256,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sortnet_forward_cpu(const at::Ten
         values_forward(net, o, v, al, n);
         if (!with_perm) continue;
         identity_rows(Q.data(), n, R, 0);
-        for (int64_t l = 0; l < L; ++l) rows_layer(net, l, al + l * n, Q.data(), Q.data(), n, R, R);
-        acc_t* P = pp + b * n * n;  // P[i, w] = Q[w][i]
-        for (int64_t w = 0; w < n; ++w)
-          for (int64_t i = 0; i < n; ++i) P[i * n + w] = Q[w * R + i];
+        for (int64_t l = 0; l < L; ++l) rows_layer(net, l, al + l * n, Q.data(), Q.data(), R, R);
+        acc_t* P = pp + b * n * n;  // P[i, w] = Q[w][i], transposed in cache-sized tiles
+        constexpr int64_t T = 16;
+        for (int64_t i0 = 0; i0 < n; i0 += T)
+          for (int64_t w0 = 0; w0 < n; w0 += T)
+            for (int64_t i = i0; i < std::min(n, i0 + T); ++i)
+              for (int64_t w = w0; w < std::min(n, w0 + T); ++w) P[i * n + w] = Q[w * R + i];
       }
     });
   });
@@ -252,7 +277,7 @@ at::Tensor sortnet_backward_cpu(const at::Tensor& grad_values, const std::option
   const int64_t B = x.size(0), n = x.size(1), L = num_layers(network, n);
   TORCH_CHECK(alpha.sizes() == at::IntArrayRef({B, L, n}), "sortnet_backward: alpha has the wrong shape");
   at::Tensor grad = grad_values.to(x.scalar_type()).expand({B, n}).contiguous().clone();
-  const bool with_perm = grad_perm.has_value() && grad_perm->defined();
+  const bool with_perm = grad_perm.has_value() && grad_perm->defined() && grad_perm->numel() > 0;
   at::Tensor gp;
   if (with_perm) gp = grad_perm->to(x.scalar_type()).expand({B, n, n}).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sortnet_backward", [&] {
@@ -359,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor> sortnet_loss_forward_cpu(const at::Tensor& y_
         for (int64_t row0 = 0; row0 < m; row0 += R) {
           const int64_t rr = std::min(R, m - row0);
           identity_rows(Q.data(), m, R, row0);
-          for (int64_t l = 0; l < net.layers; ++l) rows_layer(net, l, al + l * n, Q.data(), Q.data(), m, R, rr);
+          for (int64_t l = 0; l < net.layers; ++l) rows_layer(net, l, al + l * n, Q.data(), Q.data(), R, rr);
           total += rows_loss<acc_t>(target, Q.data(), R, rr, m, lop + b * n + row0, hip + b * n + row0,
                                     acc_t(0), nullptr);
         }

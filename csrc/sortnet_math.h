@@ -25,8 +25,25 @@ enum Network : int64_t { kOddEven = 0, kBitonic = 1 };
 enum Relaxation : int64_t { kLogistic = 0, kLogisticPhi = 1, kGaussian = 2, kReciprocal = 3, kCauchy = 4,
                             kOptimal = 5 };
 
-PF_HD float atan_(float x) { return ::atanf(x); }
-PF_HD double atan_(double x) { return ::atan(x); }
+// arctan by Cephes' rational approximation (accurate to double rounding): inline arithmetic instead of a libm
+// call, ~5x cheaper on the CPU, and the exact formula the Triton kernels use.
+template <typename acc_t>
+PF_HD acc_t atan_(acc_t x) {
+  const acc_t ax = x < acc_t(0) ? -x : x;
+  const bool big = ax > acc_t(2.414213562373095);
+  const bool mid = !big && ax > acc_t(0.66);
+  const acc_t t = big ? acc_t(-1) / ax : (mid ? (ax - acc_t(1)) / (ax + acc_t(1)) : ax);
+  const acc_t z = t * t;
+  const acc_t p = (((acc_t(-8.750608600031904122785e-1) * z - acc_t(1.615753718733365076637e1)) * z -
+                    acc_t(7.500855792314704667340e1)) * z - acc_t(1.228866684490136173410e2)) * z -
+                  acc_t(6.485021904942025371773e1);
+  const acc_t q = ((((z + acc_t(2.485846490142306297962e1)) * z + acc_t(1.650270098316988542046e2)) * z +
+                    acc_t(4.328810604912902668951e2)) * z + acc_t(4.853903996359136964868e2)) * z +
+                  acc_t(1.945506571482613964425e2);
+  const acc_t r = t * (z * p / q) + t;
+  const acc_t y = big ? acc_t(1.5707963267948966) + r : (mid ? acc_t(0.7853981633974483) + r : r);
+  return x < acc_t(0) ? -y : y;
+}
 PF_HD float erf_(float x) { return ::erff(x); }
 PF_HD double erf_(double x) { return ::erf(x); }
 PF_HD float pow_(float x, float y) { return ::powf(x, y); }

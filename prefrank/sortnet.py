@@ -10,9 +10,10 @@ RELAXATIONS = ("logistic", "logistic_phi", "gaussian", "reciprocal", "cauchy", "
 RELAXATION_CODE = {name: code for code, name in enumerate(RELAXATIONS)}
 TARGETS = ("block", "permutation")
 TARGET_CODE = {"block": 0, "permutation": 1}
-# Largest n the Triton kernels take (one list's wires live in one register tile); larger lists raise a
-# ValueError on that path. The C++ CPU kernels and the reference have no limit.
-TRITON_MAX_N = 1024
+# Largest n the Triton kernels take (one list's wires live in one register tile; prefrank.triton_kernels.
+# sortnet.MAX_N): longer lists raise a ValueError on that path. The C++ CPU kernels and the reference have
+# no limit.
+TRITON_MAX_N = 512
 
 
 def _real(name, value):
@@ -196,13 +197,20 @@ def _compact_lists(scores, groups, target):
     return y, valid.sum(-1), lo, hi
 
 
+def _fake_layers(network, n):
+    """Layer count for a possibly symbolic n: odd-even stays symbolic; bitonic specialises on n (log2)."""
+    if network == networks.NETWORK_CODE["odd_even"]:
+        return n
+    return networks.num_layers("bitonic", int(n))
+
+
 def _register():
     """Fake (meta) kernels and autograd for the C++ ops, so torch.compile traces them as single nodes."""
 
     @torch.library.register_fake("prefrank::sortnet_forward")
     def _forward_fake(x, network, relaxation, steepness, art_lambda, with_perm):
         B, n = x.shape
-        layers = networks.num_layers(networks.NETWORKS[network], n)
+        layers = _fake_layers(network, n)
         perm = x.new_empty((B, n, n) if with_perm else (0,))
         return x.new_empty(B, n), perm, x.new_empty(B, layers, n)
 
@@ -213,7 +221,7 @@ def _register():
     @torch.library.register_fake("prefrank::sortnet_loss_forward")
     def _loss_forward_fake(y, sizes, lo, hi, target, network, relaxation, steepness, art_lambda):
         B, n = y.shape
-        return y.new_empty(B), y.new_empty(B, networks.num_layers(networks.NETWORKS[network], n), n)
+        return y.new_empty(B), y.new_empty(B, _fake_layers(network, n), n)
 
     @torch.library.register_fake("prefrank::sortnet_loss_backward")
     def _loss_backward_fake(grad_loss, y, sizes, lo, hi, alpha, target, network, relaxation, steepness,
@@ -222,6 +230,7 @@ def _register():
 
     def forward_setup(ctx, inputs, output):
         x, network, relaxation, steepness, art_lambda, with_perm = inputs
+        ctx.set_materialize_grads(False)  # an unused P must not cost a backward pass through P
         ctx.save_for_backward(x, output[2])
         ctx.options = (network, relaxation, steepness, art_lambda)
 
@@ -229,6 +238,8 @@ def _register():
         x, alpha = ctx.saved_tensors
         if grad_values is None:
             grad_values = torch.zeros_like(x)
+        if grad_perm is not None and grad_perm.numel() == 0:  # P was not requested (an empty placeholder)
+            grad_perm = None
         grad = torch.ops.prefrank.sortnet_backward(grad_values, grad_perm, x, alpha, *ctx.options)
         return grad, None, None, None, None, None
 
