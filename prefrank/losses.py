@@ -128,7 +128,7 @@ def _require_ranked_lists(level, what):
     """ValueError if a list has no two valid items at different levels (nothing to rank there)."""
     if _checks.compiling():
         return
-    bad = level.max(-1).values < 1
+    bad = level.amax(-1) < 1   # amax, not max(dim): the latter opens a parallel region even for tiny inputs
     if bad.any():
         index = int(bad.nonzero()[0, 0])
         raise ValueError(f"{what}: list {index} (flattened batch index) has no two valid items at different "
