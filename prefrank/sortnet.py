@@ -10,9 +10,10 @@ RELAXATIONS = ("logistic", "logistic_phi", "gaussian", "reciprocal", "cauchy", "
 RELAXATION_CODE = {name: code for code, name in enumerate(RELAXATIONS)}
 TARGETS = ("block", "permutation")
 TARGET_CODE = {"block": 0, "permutation": 1}
-# Largest n the Triton kernels take (one list's wires live in one register tile); larger lists raise a
-# ValueError on that path. The C++ CPU kernels and the reference have no limit.
-TRITON_MAX_N = 1024
+# Largest n the Triton kernels take (one list's wires live in one register tile; prefrank.triton_kernels.
+# sortnet.MAX_N): longer lists raise a ValueError on that path. The C++ CPU kernels and the reference have
+# no limit.
+TRITON_MAX_N = 512
 
 
 def _real(name, value):

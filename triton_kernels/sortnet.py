@@ -28,7 +28,7 @@ Kernels and their cost per list of n items, L layers:
 Memory: saved for backward are α and xs, (lists, L, n) each: 2·L·n values per list (8·L·n bytes in fp32),
 never L copies of P. The backward's only other buffers are dalpha (lists, L, n) and the checkpoints,
 (⌈L/CK⌉ − 1)·n² values per list (≈ √L copies of P, freed when the backward returns); the price is at most
-CK − 1 recomputed layers per layer. Limit: n ≤ 1024 (one list's wires in one register tile).
+CK − 1 recomputed layers per layer. Limit: n ≤ MAX_N = 512 (one list's wires in one register tile).
 """
 
 import math
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_N = 1024
+MAX_N = 512
 
 
 @triton.jit
@@ -309,10 +309,16 @@ def _values_backward_kernel(grad_values_ptr, xs_ptr, alpha_ptr, dalpha_ptr, size
 # launchers
 # ------------------------------------------------------------------------------------------------------------
 
-def block_sizes(n):
-    """(BLOCK_N, rows per forward program, rows per backward program): ≤ 4096 / 2048 tile entries."""
+def launch_config(n):
+    """(BLOCK_N, rows per forward program, rows per backward program, num_warps) for lists of n ≤ MAX_N.
+
+    Row tiles of ≤ 4096 (forward) / 2048 (backward, two live tiles) entries up to n = 256, half that above,
+    with 8 warps from BLOCK_N = 256: no register spills on sm_80/sm_90 (tests/test_sortnet_aot.py).
+    """
     block_n = max(16, triton.next_power_of_2(n))
-    return block_n, max(1, min(block_n, 4096 // block_n)), max(1, min(block_n, 2048 // block_n))
+    forward_tile, backward_tile = (4096, 2048) if block_n <= 256 else (2048, 1024)
+    rows = lambda tile: max(1, min(block_n, tile // block_n))  # noqa: E731
+    return block_n, rows(forward_tile), rows(backward_tile), 4 if block_n <= 128 else 8
 
 
 def _num_layers(network, n):
@@ -325,31 +331,31 @@ def _num_layers(network, n):
 def _forward_values(x, sizes, network, relaxation, s, lam):
     B, n = x.shape
     L = _num_layers(network, n)
-    block_n, _, _ = block_sizes(n)
+    block_n, _, _, num_warps = launch_config(n)
     values = torch.empty_like(x)
     alpha = torch.zeros((B, L, n), dtype=x.dtype, device=x.device)
     xs = torch.zeros((B, L, n), dtype=x.dtype, device=x.device)
     _values_forward_kernel[(B,)](x, sizes if sizes is not None else x, values, alpha, xs, n, L, network,
                                  relaxation, s, lam, HAS_SIZES=sizes is not None, BLOCK_N=block_n,
-                                 num_warps=4)
+                                 num_warps=num_warps)
     return values, alpha, xs
 
 
 def _forward_rows(alpha, sizes, lo, hi, n, network, mode):
     B = alpha.shape[0]
-    block_n, block_r, _ = block_sizes(n)
+    block_n, block_r, _, num_warps = launch_config(n)
     perm = torch.empty((B, n, n) if mode == 0 else (0,), dtype=alpha.dtype, device=alpha.device)
     row_loss = torch.zeros((B, n) if mode != 0 else (0,), dtype=alpha.dtype, device=alpha.device)
     _rows_forward_kernel[(B, triton.cdiv(n, block_r))](
         alpha, sizes if sizes is not None else alpha, perm, lo if lo is not None else alpha,
         hi if hi is not None else alpha, row_loss, n, alpha.shape[1], network, HAS_SIZES=sizes is not None,
-        MODE=mode, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+        MODE=mode, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps)
     return perm if mode == 0 else row_loss
 
 
 def _backward_rows(alpha, sizes, grad_perm, grad_loss, lo, hi, n, network, mode):
     B, L = alpha.shape[0], alpha.shape[1]
-    block_n, _, block_r = block_sizes(n)
+    block_n, _, block_r, num_warps = launch_config(n)
     ckpt_every = max(1, math.isqrt(max(L - 1, 0)) + 1)  # ⌈√L⌉ for L ≥ 1
     num_ckpt = max(0, -(-L // ckpt_every) - 1)
     ckpt = torch.empty((B, num_ckpt, n, n) if num_ckpt else (1,), dtype=alpha.dtype, device=alpha.device)
@@ -359,19 +365,19 @@ def _backward_rows(alpha, sizes, grad_perm, grad_loss, lo, hi, n, network, mode)
         alpha, sizes if sizes is not None else dummy, grad_perm if grad_perm is not None else dummy,
         grad_loss if grad_loss is not None else dummy, lo if lo is not None else dummy,
         hi if hi is not None else dummy, ckpt, dalpha, n, L, num_ckpt, ckpt_every, network,
-        HAS_SIZES=sizes is not None, MODE=mode, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+        HAS_SIZES=sizes is not None, MODE=mode, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps)
     return dalpha
 
 
 def _backward_values(grad_values, xs, alpha, dalpha, sizes, network, relaxation, s, lam):
     B, L, n = xs.shape
-    block_n, _, _ = block_sizes(n)
+    block_n, _, _, num_warps = launch_config(n)
     grad_x = torch.empty((B, n), dtype=xs.dtype, device=xs.device)
     _values_backward_kernel[(B,)](
         grad_values if grad_values is not None else xs, xs, alpha, dalpha if dalpha is not None else xs,
         sizes if sizes is not None else xs, grad_x, n, L, network, relaxation, s, lam,
         HAS_GRAD_VALUES=grad_values is not None, HAS_DALPHA=dalpha is not None, HAS_SIZES=sizes is not None,
-        BLOCK_N=block_n, num_warps=4)
+        BLOCK_N=block_n, num_warps=num_warps)
     return grad_x
 
 
