@@ -184,12 +184,13 @@ class Trainer:
         return flat.to(self.state.device)
 
     # -- state ---------------------------------------------------------------------------------------------
-    def model_state_dict(self):
+    def model_state_dict(self, on_every_rank=False):
+        """The full (unsharded) state dict; under FSDP only rank 0 gets it unless `on_every_rank`."""
         if self.config.distributed == "fsdp" and self.state.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(self.vlm.model, options=StateDictOptions(full_state_dict=True,
-                                                                                 cpu_offload=True))
+            options = StateDictOptions(full_state_dict=True, cpu_offload=not on_every_rank)
+            return get_model_state_dict(self.vlm.model, options=options)
         return self.vlm.model.state_dict()
 
     def optimizer_state_dict(self):
@@ -353,7 +354,7 @@ class Trainer:
     def _finish(self, accuracy):
         """Final checkpoint, HF model folder, parameter digest per rank, plots, final.json."""
         self.save()
-        model_state = self.model_state_dict()
+        model_state = self.model_state_dict(on_every_rank=True)
         digest = parameter_digest(model_state)
         digests = distributed_utils.all_gather_strings(digest, self.state)
         summary = {"eval_accuracy": accuracy, "param_digests": digests}
