@@ -138,3 +138,16 @@ def test_init_from_a_run_folder_and_model_flag(tmp_path):
         assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
     assert from_folder.train_data.prompts[0]["input_ids"].tolist() == first.train_data.prompts[0][
         "input_ids"].tolist()
+
+
+def test_set_train_records_and_sampled_generation(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "listwise", steps=2))
+    fresh = synthetic_dataset(8, seed=9)
+    trainer.on_step_end = lambda step: trainer.set_train_records(fresh) if step == 1 else None
+    trainer.train()
+    assert trainer.train_data.records is fresh
+    answers = trainer.vlm.generate(trainer.train_data.prompts[:2], max_new_tokens=3, do_sample=True,
+                                   num_return_sequences=3)
+    assert len(answers) == 6 and all(isinstance(a, str) for a in answers)
+    with pytest.raises(ValueError, match="reference='model'"):
+        Trainer(tiny_config(tmp_path / "p", "dpo", reference="precomputed")).set_train_records(fresh)

@@ -160,6 +160,14 @@ class Trainer:
             self.optimizer, warmup_then_cosine(config.warmup_steps, config.steps))
         self.step = 0
 
+    def set_train_records(self, records):
+        """Swap the training records mid-run (e.g. a new round of self-generated preference groups, from an
+        `on_step_end` callback). Needs reference='model': a precomputed table only covers the old records."""
+        if self.reference_table is not None:
+            raise ValueError("set_train_records needs reference='model': the precomputed reference model "
+                             "was dropped after scoring the first records")
+        self.train_data = EncodedRecords.build(self.vlm, records, with_negatives=self.method.needs_negatives)
+
     # -- reference -----------------------------------------------------------------------------------------
     def _precompute_reference(self, scorer):
         """Reference log-probs of every training record's requests, computed once (then the reference model

@@ -128,12 +128,15 @@ class VisionLanguageModel:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens=8, device="cpu"):
-        """Greedy answers (decoded, stripped) for a list of encoded prompts."""
+    def generate(self, prompts, max_new_tokens=8, device="cpu", **generate_kwargs):
+        """Answers (decoded, stripped) for a list of encoded prompts: greedy by default; `generate_kwargs` go
+        to HF `generate` (e.g. do_sample=True, temperature=0.8, num_return_sequences=4: the answers of one
+        prompt are then consecutive)."""
         batch = {k: v.to(device) for k, v in left_pad(self.pad_id, prompts).items()}
         was_training = self.model.training
         self.model.eval()
-        output = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        options = {"do_sample": False, **generate_kwargs}
+        output = self.model.generate(**batch, max_new_tokens=max_new_tokens, **options)
         self.model.train(was_training)
         return [self.decode(row[batch["input_ids"].shape[1]:]).strip() for row in output]
 
