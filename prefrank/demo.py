@@ -139,13 +139,31 @@ def run_demo(settings):
                      "accuracy": summary["eval_accuracy"], "per_task": summary["per_task"],
                      "margin": final.get("rewards/margins"),
                      "reward_accuracy": final.get("rewards/accuracies"),
+                     "chosen_reward": final.get("rewards/chosen"),
+                     "rejected_reward": final.get("rewards/rejected"),
                      "seconds": time.perf_counter() - method_started, "run": demo_method.method})
     total = time.perf_counter() - started
     table = format_table(rows)
     print("\n" + table + f"\n\ntotal wall time {total:.0f} s ({settings.threads} thread(s))", flush=True)
     plot_demo(rows, out)
-    write_report(rows, table, total, settings, out)
+    write_report(rows, table, observations(rows), total, settings, out)
     return rows
+
+
+def observations(rows):
+    """Plain statements read off the numbers (no claim the numbers do not support)."""
+    base = rows[0]["accuracy"]
+    lines = []
+    for row in rows[1:]:
+        change = 100 * (row["accuracy"] - base)
+        line = f"- {row['label']}: held-out accuracy {change:+.1f} points vs the base"
+        if row.get("chosen_reward") is not None and row["chosen_reward"] < 0:
+            line += (f"; the chosen answers' implicit reward ended NEGATIVE ({row['chosen_reward']:.3f}, "
+                     f"rejected {row['rejected_reward']:.3f}): the margin grew by pushing both likelihoods "
+                     "down (likelihood displacement), which frees probability mass for answers that are in "
+                     "neither pair")
+        lines.append(line + ".")
+    return "\n".join(lines)
 
 
 def format_table(rows):
@@ -188,7 +206,7 @@ def plot_demo(rows, out):
     plt.close(figure)
 
 
-def write_report(rows, table, total, settings, out):
+def write_report(rows, table, notes, total, settings, out):
     runs = "\n".join(f"- `{row['run']}/`: metrics.jsonl, training.png, final/ (HF model folder)"
                      for row in rows)
     text = f"""# prefrank demo: tiny LLaVA on synthetic visual QA
@@ -206,6 +224,9 @@ held-out prompts (different seed). Accuracy = exact match of the greedy answer o
 {table}
 
 Total wall time {total:.0f} s with {settings.threads} intra-op thread(s).
+
+Observations (generated from the numbers above):
+{notes}
 
 ![demo](demo.png)
 

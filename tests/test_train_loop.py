@@ -151,3 +151,16 @@ def test_set_train_records_and_sampled_generation(tmp_path):
     assert len(answers) == 6 and all(isinstance(a, str) for a in answers)
     with pytest.raises(ValueError, match="reference='model'"):
         Trainer(tiny_config(tmp_path / "p", "dpo", reference="precomputed")).set_train_records(fresh)
+
+
+def test_cli_main_on_user_jsonl(tmp_path):
+    from prefrank.train.data import export_jsonl
+    from prefrank.train.loop import main
+
+    export_jsonl(synthetic_dataset(4, seed=7), tmp_path / "data" / "train.jsonl")
+    export_jsonl(synthetic_dataset(2, seed=8), tmp_path / "data" / "heldout.jsonl")
+    summary = main(["--method", "dpo", "--data", str(tmp_path / "data" / "train.jsonl"),
+                    "--eval-data", str(tmp_path / "data" / "heldout.jsonl"), "--steps", "1", "--batch-size", "2",
+                    "--out", str(tmp_path / "run"), "--no-progress"])
+    assert summary["step"] == 1 and summary["final_metrics"]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["method"] == "dpo"
