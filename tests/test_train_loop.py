@@ -160,7 +160,7 @@ def test_cli_main_on_user_jsonl(tmp_path):
     export_jsonl(synthetic_dataset(4, seed=7), tmp_path / "data" / "train.jsonl")
     export_jsonl(synthetic_dataset(2, seed=8), tmp_path / "data" / "heldout.jsonl")
     summary = main(["--method", "dpo", "--data", str(tmp_path / "data" / "train.jsonl"),
-                    "--eval-data", str(tmp_path / "data" / "heldout.jsonl"), "--steps", "1", "--batch-size", "2",
-                    "--out", str(tmp_path / "run"), "--no-progress"])
+                    "--eval-data", str(tmp_path / "data" / "heldout.jsonl"), "--steps", "1",
+                    "--batch-size", "2", "--out", str(tmp_path / "run"), "--no-progress"])
     assert summary["step"] == 1 and summary["final_metrics"]["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["method"] == "dpo"
