@@ -37,7 +37,7 @@ class DemoSettings:
     sft_steps: int = 600
     sft_lr: float = 3e-3
     pref_steps: int = 150
-    pref_lr: float = 1e-3
+    pref_lr: float = 1e-4
     beta: float = 0.1
     threads: int = 1  # intra-op threads: on a small shared CPU one thread is by far the fastest
     tiny_model: dict = field(default_factory=dict)
