@@ -207,14 +207,18 @@ def plot_demo(rows, out):
 
 
 def write_report(rows, table, notes, total, settings, out):
+    base = rows[0]["accuracy"]
+    standard_error = (max(base * (1 - base), 0.0) / settings.num_eval) ** 0.5
     runs = "\n".join(f"- `{row['run']}/`: metrics.jsonl, training.png, final/ (HF model folder)"
                      for row in rows)
     text = f"""# prefrank demo: tiny LLaVA on synthetic visual QA
 
 Everything offline on CPU: a randomly initialised LLaVA (CLIP vision tower + Llama text model, built from
-configs, byte-level tokenizer built in code) and procedurally generated 32×32 images (shapes, colours,
-counts, positions) with templated questions. {settings.num_train} training prompts, {settings.num_eval}
-held-out prompts (different seed). Accuracy = exact match of the greedy answer on the held-out prompts.
+configs; byte-level BPE tokenizer trained in code on the task's text, one token per answer) and
+procedurally generated 32×32 images (shapes, colours, counts, positions) with templated questions.
+{settings.num_train} training prompts, {settings.num_eval} held-out prompts (different seed). Accuracy =
+exact match of the greedy answer on the held-out prompts; its binomial standard error at this size is
+about {100 * standard_error:.1f} points, so smaller differences are noise.
 
 - **base**: SFT warm-up, {settings.sft_steps} steps × {settings.batch_size} prompts, lr {settings.sft_lr}.
 - **DPO (one pair / prompt)**: from the base, {settings.pref_steps} steps × {settings.batch_size} prompts,

@@ -164,3 +164,14 @@ def test_cli_main_on_user_jsonl(tmp_path):
                     "--batch-size", "2", "--out", str(tmp_path / "run"), "--no-progress"])
     assert summary["step"] == 1 and summary["final_metrics"]["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["method"] == "dpo"
+
+
+def test_bf16_autocast_step(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "dpo", precision="bf16"))
+    metrics = trainer.train_step()
+    # policy and reference run the same bf16 forward at step 1: rewards are exactly 0, log-probs stay fp32
+    assert metrics["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    batch = trainer.method.build_batch(trainer.train_data, [0, 1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert trainer.scorer(batch.inputs, batch.labels).dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in trainer.vlm.model.parameters())
