@@ -34,9 +34,9 @@ class DemoSettings:
     num_train: int = 1024
     num_eval: int = 256
     batch_size: int = 32
-    sft_steps: int = 600
+    sft_steps: int = 1200
     sft_lr: float = 3e-3
-    pref_steps: int = 150
+    pref_steps: int = 300
     pref_lr: float = 1e-4
     beta: float = 0.1
     threads: int = 1  # intra-op threads: on a small shared CPU one thread is by far the fastest
