@@ -83,6 +83,11 @@ def one_pair_per_prompt(base, records, settings):
 DEMO_METHODS = [DemoMethod("DPO (one pair / prompt)", "dpo", one_pair_per_prompt)]
 
 
+def _first(metrics, *keys):
+    """The first present key: pairwise losses report rewards/margins, listwise ones rewards/margin."""
+    return next((metrics[key] for key in keys if key in metrics), None)
+
+
 def task_of(record):
     for task, (_, answers) in TASKS.items():
         if record.answer in answers:
@@ -137,8 +142,8 @@ def run_demo(settings):
         final = summary["final_metrics"]
         rows.append({"label": demo_method.label, "method": demo_method.method,
                      "accuracy": summary["eval_accuracy"], "per_task": summary["per_task"],
-                     "margin": final.get("rewards/margins"),
-                     "reward_accuracy": final.get("rewards/accuracies"),
+                     "margin": _first(final, "rewards/margins", "rewards/margin"),
+                     "reward_accuracy": _first(final, "rewards/accuracies", "rewards/ranking_accuracy"),
                      "chosen_reward": final.get("rewards/chosen"),
                      "rejected_reward": final.get("rewards/rejected"),
                      "seconds": time.perf_counter() - method_started, "run": demo_method.method})
@@ -194,7 +199,8 @@ def plot_demo(rows, out):
         metrics = [json.loads(line) for line in (out / row["run"] / "metrics.jsonl").read_text().splitlines()]
         steps = [m["step"] for m in metrics if "loss" in m]
         axes[1].plot(steps, [m["loss"] for m in metrics if "loss" in m], label=row["label"])
-        axes[2].plot(steps, [m.get("rewards/margins", float("nan")) for m in metrics if "loss" in m],
+        margins = [_first(m, "rewards/margins", "rewards/margin") for m in metrics if "loss" in m]
+        axes[2].plot(steps, [float("nan") if v is None else v for v in margins],
                      label=row["label"])
     for axis, title in ((axes[1], "preference loss"), (axes[2], "reward margin (chosen − rejected)")):
         axis.set_title(title)
