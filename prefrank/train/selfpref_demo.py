@@ -20,8 +20,10 @@ from prefrank.train.data import PreferenceRecord
 
 SMPRO_PROMPTS = 256
 SMPRO_REGENERATE_EVERY = 50
-SMPRO_OPTIONS = {"num_samples": 2, "corruption": "diffusion", "generation_batch_size": 128}
-MISP_OPTIONS = {"pool_size": 32, "sae_steps": 200, "proj_dim": 16, "generation_batch_size": 128}
+SMPRO_OPTIONS = {"num_samples": 2, "negative_samples": 1, "temperature": 0.7, "corruption": "diffusion",
+                 "generation_batch_size": 128}
+MISP_OPTIONS = {"pool_size": 64, "candidates_per_record": 16, "sae_steps": 200, "proj_dim": 16,
+                "generation_batch_size": 128}
 
 
 def labelled_lists(base, records, settings):
