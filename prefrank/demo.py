@@ -38,7 +38,7 @@ class DemoSettings:
     sft_steps: int = 300
     sft_lr: float = 3e-3
     pref_steps: int = 100
-    pref_lr: float = 1e-3
+    pref_lr: float = 1e-4  # issue 7: at 1e-3 every preference row's generations degenerated (docs/selfpref.md)
     beta: float = 0.1
     threads: int = 1  # intra-op threads: on a small shared CPU one thread is by far the fastest
     tiny_model: dict = field(default_factory=dict)
@@ -155,6 +155,9 @@ def run_demo(settings):
     print("\n" + table + f"\n\ntotal wall time {total:.0f} s ({settings.threads} thread(s))", flush=True)
     plot_demo(rows, out)
     write_report(rows, table, total, settings, out)
+    # -- selfpref (issue 7): what the listwise / SMPRO / MISP-DPO rows trained on, measured from their runs --
+    with open(out / "report.md", "a") as report:
+        report.write("\n" + selfpref_demo.report_section(out, train_records) + "\n")
     return rows
 
 
