@@ -35,10 +35,10 @@ class DemoSettings:
     num_train: int = 1024
     num_eval: int = 256
     batch_size: int = 32
-    sft_steps: int = 300
+    sft_steps: int = 600
     sft_lr: float = 3e-3
-    pref_steps: int = 100
-    pref_lr: float = 1e-4  # issue 7: at 1e-3 every preference row's generations degenerated (docs/selfpref.md)
+    pref_steps: int = 150
+    pref_lr: float = 1e-4
     beta: float = 0.1
     threads: int = 1  # intra-op threads: on a small shared CPU one thread is by far the fastest
     tiny_model: dict = field(default_factory=dict)
@@ -148,17 +148,35 @@ def run_demo(settings):
                      "accuracy": summary["eval_accuracy"], "per_task": summary["per_task"],
                      "margin": final.get("rewards/margins", final.get("rewards/margin")),
                      "reward_accuracy": final.get("rewards/accuracies", final.get("rewards/ranking_accuracy")),
+                     "chosen_reward": final.get("rewards/chosen"),
+                     "rejected_reward": final.get("rewards/rejected"),
                      "heldout_margin": heldout_margin, "heldout_reward_accuracy": heldout_accuracy,
                      "seconds": seconds, "run": demo_method.method})
     total = time.perf_counter() - started
     table = format_table(rows)
     print("\n" + table + f"\n\ntotal wall time {total:.0f} s ({settings.threads} thread(s))", flush=True)
     plot_demo(rows, out)
-    write_report(rows, table, total, settings, out)
+    write_report(rows, table, observations(rows), total, settings, out)
     # -- selfpref (issue 7): what the listwise / SMPRO / MISP-DPO rows trained on, measured from their runs --
     with open(out / "report.md", "a") as report:
         report.write("\n" + selfpref_demo.report_section(out, train_records) + "\n")
     return rows
+
+
+def observations(rows):
+    """Plain statements read off the numbers (no claim the numbers do not support)."""
+    base = rows[0]["accuracy"]
+    lines = []
+    for row in rows[1:]:
+        change = 100 * (row["accuracy"] - base)
+        line = f"- {row['label']}: held-out accuracy {change:+.1f} points vs the base"
+        if row.get("chosen_reward") is not None and row["chosen_reward"] < 0:
+            line += (f"; the chosen answers' implicit reward ended NEGATIVE ({row['chosen_reward']:.3f}, "
+                     f"rejected {row['rejected_reward']:.3f}): the margin grew by pushing both likelihoods "
+                     "down (likelihood displacement), which frees probability mass for answers that are in "
+                     "neither pair")
+        lines.append(line + ".")
+    return "\n".join(lines)
 
 
 def format_table(rows):
@@ -204,15 +222,19 @@ def plot_demo(rows, out):
     plt.close(figure)
 
 
-def write_report(rows, table, total, settings, out):
+def write_report(rows, table, notes, total, settings, out):
+    base = rows[0]["accuracy"]
+    standard_error = (max(base * (1 - base), 0.0) / settings.num_eval) ** 0.5
     runs = "\n".join(f"- `{row['run']}/`: metrics.jsonl, training.png, final/ (HF model folder)"
                      for row in rows)
     text = f"""# prefrank demo: tiny LLaVA on synthetic visual QA
 
 Everything offline on CPU: a randomly initialised LLaVA (CLIP vision tower + Llama text model, built from
-configs, byte-level tokenizer built in code) and procedurally generated 32×32 images (shapes, colours,
-counts, positions) with templated questions. {settings.num_train} training prompts, {settings.num_eval}
-held-out prompts (different seed). Accuracy = exact match of the greedy answer on the held-out prompts.
+configs; byte-level BPE tokenizer trained in code on the task's text, one token per answer) and
+procedurally generated 32×32 images (shapes, colours, counts, positions) with templated questions.
+{settings.num_train} training prompts, {settings.num_eval} held-out prompts (different seed). Accuracy =
+exact match of the greedy answer on the held-out prompts; its binomial standard error at this size is
+about {100 * standard_error:.1f} points, so smaller differences are noise.
 
 - **base**: SFT warm-up, {settings.sft_steps} steps × {settings.batch_size} prompts, lr {settings.sft_lr}.
 - **DPO (one pair / prompt)**: from the base, {settings.pref_steps} steps × {settings.batch_size} prompts,
@@ -222,6 +244,9 @@ held-out prompts (different seed). Accuracy = exact match of the greedy answer o
 {table}
 
 Total wall time {total:.0f} s with {settings.threads} intra-op thread(s).
+
+Observations (generated from the numbers above):
+{notes}
 
 ![demo](demo.png)
 

@@ -1,5 +1,5 @@
-"""DDP on 2 CPU processes (gloo) through torchrun: identical parameters on every rank, equal (to float
-tolerance) to one process with the same global batch."""
+"""DDP and FSDP2 on 2 CPU processes (gloo) through torchrun: identical parameters on every rank, equal (to
+float tolerance) to one process with the same global batch."""
 
 import json
 import os
@@ -19,10 +19,11 @@ ARGS = ["--method", "sft", "--steps", "3", "--batch-size", "4", "--num-train", "
         "--lr", "0.01", "--no-progress"]
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, strategy):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-               "-m", "prefrank.train", *ARGS, "--out", str(tmp_path / "ddp")]
+               "-m", "prefrank.train", *ARGS, "--distributed", strategy, "--out", str(tmp_path / "ddp")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "final.json").read_text())

@@ -166,6 +166,14 @@ class Trainer:
             self.optimizer, warmup_then_cosine(config.warmup_steps, config.steps))
         self.step = 0
 
+    def set_train_records(self, records):
+        """Swap the training records mid-run (e.g. a new round of self-generated preference groups, from an
+        `on_step_end` callback). Needs reference='model': a precomputed table only covers the old records."""
+        if self.reference_table is not None:
+            raise ValueError("set_train_records needs reference='model': the precomputed reference model "
+                             "was dropped after scoring the first records")
+        self.train_data = EncodedRecords.build(self.vlm, records, with_negatives=self.method.needs_negatives)
+
     # -- reference -----------------------------------------------------------------------------------------
     def _precompute_reference(self, scorer):
         """Reference log-probs of every training record's requests, computed once (then the reference model
@@ -190,12 +198,13 @@ class Trainer:
         return flat.to(self.state.device)
 
     # -- state ---------------------------------------------------------------------------------------------
-    def model_state_dict(self):
+    def model_state_dict(self, on_every_rank=False):
+        """The full (unsharded) state dict; under FSDP only rank 0 gets it unless `on_every_rank`."""
         if self.config.distributed == "fsdp" and self.state.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(self.vlm.model, options=StateDictOptions(full_state_dict=True,
-                                                                                 cpu_offload=True))
+            options = StateDictOptions(full_state_dict=True, cpu_offload=not on_every_rank)
+            return get_model_state_dict(self.vlm.model, options=options)
         return self.vlm.model.state_dict()
 
     def optimizer_state_dict(self):
@@ -361,7 +370,7 @@ class Trainer:
     def _finish(self, accuracy):
         """Final checkpoint, HF model folder, parameter digest per rank, plots, final.json."""
         self.save()
-        model_state = self.model_state_dict()
+        model_state = self.model_state_dict(on_every_rank=True)
         digest = parameter_digest(model_state)
         digests = distributed_utils.all_gather_strings(digest, self.state)
         summary = {"eval_accuracy": accuracy, "param_digests": digests}

@@ -15,18 +15,29 @@ IGNORE_INDEX = -100
 TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")
 
 
-def build_byte_tokenizer():
-    """A byte-level tokenizer (256 byte symbols + <pad> <s> </s> <image>), built in code, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def task_corpus():
+    """Text the built-in tokenizer's merges are learnt from: the synthetic task's questions and answers."""
+    from prefrank.train.data import TASKS
+
+    corpus = ["Question: Answer: "] * 8
+    for templates, answers in TASKS.values():
+        corpus += list(templates) * 4 + list(answers) * 8 + [" " + answer for answer in answers] * 4
+    return corpus
+
+
+def build_tokenizer(corpus=None, vocab_size=400):
+    """A byte-level BPE tokenizer trained in code (no download) on `corpus` (default: the synthetic task's
+    text, so every answer is ONE token: preference losses then act on the answer decision instead of
+    pushing around sub-word pieces shared by different answers). Any text still encodes, byte by byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {symbol: index for index, symbol in enumerate(alphabet)}
-    for special in TINY_SPECIAL_TOKENS:
-        vocab[special] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(TINY_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(task_corpus() if corpus is None else corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
 
@@ -44,7 +55,7 @@ def build_tiny_vlm(seed=0, image_size=32, patch_size=8, text_hidden=64, text_lay
         LlavaProcessor,
     )
 
-    tokenizer = build_byte_tokenizer()
+    tokenizer = build_tokenizer()
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
@@ -117,12 +128,15 @@ class VisionLanguageModel:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens=8, device="cpu"):
-        """Greedy answers (decoded, stripped) for a list of encoded prompts."""
+    def generate(self, prompts, max_new_tokens=8, device="cpu", **generate_kwargs):
+        """Answers (decoded, stripped) for a list of encoded prompts: greedy by default; `generate_kwargs` go
+        to HF `generate` (e.g. do_sample=True, temperature=0.8, num_return_sequences=4: the answers of one
+        prompt are then consecutive)."""
         batch = {k: v.to(device) for k, v in left_pad(self.pad_id, prompts).items()}
         was_training = self.model.training
         self.model.eval()
-        output = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        options = {"do_sample": False, **generate_kwargs}
+        output = self.model.generate(**batch, max_new_tokens=max_new_tokens, **options)
         self.model.train(was_training)
         return [self.decode(row[batch["input_ids"].shape[1]:]).strip() for row in output]
 
