@@ -35,9 +35,9 @@ class DemoSettings:
     num_train: int = 1024
     num_eval: int = 256
     batch_size: int = 32
-    sft_steps: int = 600
+    sft_steps: int = 1200
     sft_lr: float = 3e-3
-    pref_steps: int = 150
+    pref_steps: int = 300
     pref_lr: float = 1e-4
     beta: float = 0.1
     threads: int = 1  # intra-op threads: on a small shared CPU one thread is by far the fastest
@@ -84,6 +84,11 @@ def one_pair_per_prompt(base, records, settings):
 DEMO_METHODS = [DemoMethod("DPO (one pair / prompt)", "dpo", one_pair_per_prompt)]
 # -- selfpref rows (issue 7): listwise PL, SMPRO, MISP-DPO; see prefrank/train/selfpref_demo.py --
 DEMO_METHODS += selfpref_demo.selfpref_rows(DemoMethod)
+
+
+def _first(metrics, *keys):
+    """The first present key: pairwise losses report rewards/margins, listwise ones rewards/margin."""
+    return next((metrics[key] for key in keys if key in metrics), None)
 
 
 def task_of(record):
@@ -146,8 +151,8 @@ def run_demo(settings):
             response_logps, trainer, base_logps, eval_records, settings.beta)
         rows.append({"label": demo_method.label, "method": demo_method.method,
                      "accuracy": summary["eval_accuracy"], "per_task": summary["per_task"],
-                     "margin": final.get("rewards/margins", final.get("rewards/margin")),
-                     "reward_accuracy": final.get("rewards/accuracies", final.get("rewards/ranking_accuracy")),
+                     "margin": _first(final, "rewards/margins", "rewards/margin"),
+                     "reward_accuracy": _first(final, "rewards/accuracies", "rewards/ranking_accuracy"),
                      "chosen_reward": final.get("rewards/chosen"),
                      "rejected_reward": final.get("rewards/rejected"),
                      "heldout_margin": heldout_margin, "heldout_reward_accuracy": heldout_accuracy,
@@ -210,8 +215,9 @@ def plot_demo(rows, out):
         metrics = [json.loads(line) for line in (out / row["run"] / "metrics.jsonl").read_text().splitlines()]
         steps = [m["step"] for m in metrics if "loss" in m]
         axes[1].plot(steps, [m["loss"] for m in metrics if "loss" in m], label=row["label"])
-        margins = [m.get("rewards/margins", m.get("rewards/margin", float("nan"))) for m in metrics if "loss" in m]
-        axes[2].plot(steps, margins, label=row["label"])
+        margins = [_first(m, "rewards/margins", "rewards/margin") for m in metrics if "loss" in m]
+        axes[2].plot(steps, [float("nan") if v is None else v for v in margins],
+                     label=row["label"])
     for axis, title in ((axes[1], "preference loss"), (axes[2], "reward margin (chosen − rejected)")):
         axis.set_title(title)
         axis.set_xlabel("step")

@@ -76,12 +76,13 @@ def _group_metrics(rewards, groups):
     worst = groups == groups.max(-1, keepdim=True).values
     best_mean = (rewards * best).sum(-1) / best.sum(-1)
     worst_mean = (rewards * worst).sum(-1) / worst.sum(-1)
-    metrics = {"rewards/margins": (best_mean - worst_mean).mean().detach(),
-               "rewards/accuracies": (best_mean > worst_mean).float().mean().detach()}
+    # metric names as in the losses branch (best-vs-worst here instead of its best-vs-rest / pairwise counts)
+    metrics = {"rewards/margin": (best_mean - worst_mean).mean().detach(),
+               "rewards/ranking_accuracy": (best_mean > worst_mean).float().mean().detach()}
     for level in range(int(groups.max()) + 1):
         at_level = groups == level
         if at_level.any():
-            metrics[f"rewards/level_{level}"] = rewards[at_level].mean().detach()
+            metrics[f"rewards/group_{level}"] = rewards[at_level].mean().detach()
     return metrics
 
 
@@ -109,10 +110,13 @@ def misp_dpo_loss(policy_pos, ref_pos, policy_negs, ref_negs, *, log_q=None, bet
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
     loss = F.softplus(torch.logsumexp(logits, dim=-1)).mean()
-    metrics = _pair_metrics(pos_rewards, neg_rewards.mean(-1))
-    metrics = {key.replace("rewards/", "image_rewards/"): value for key, value in metrics.items()}
+    groups = torch.ones_like(logits, dtype=torch.long)
+    if mask is not None:
+        groups = groups.masked_fill(~mask, -1)
+    groups = torch.cat([torch.zeros_like(groups[:, :1]), groups], dim=-1)
+    metrics = _group_metrics(torch.cat([pos_rewards[:, None], neg_rewards], dim=-1), groups)
     if text is not None:
         text_out = dpo_loss(*text, beta=beta)
         loss = loss + text_weight * text_out.loss
-        metrics.update(text_out.metrics)
+        metrics.update({"text/" + key: value for key, value in text_out.metrics.items()})
     return PreferenceLossOutput(loss, metrics)

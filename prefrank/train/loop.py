@@ -13,6 +13,7 @@ import json
 import math
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -328,7 +329,9 @@ class Trainer:
             (self.out / "metrics.jsonl").unlink()
         if state.is_main:
             (self.out / "config.json").write_text(json.dumps(vars(config), indent=2))
-        previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+        # signal handlers can only be installed from the main thread (a trainer run elsewhere skips it)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous_handler = signal.signal(signal.SIGTERM, self._request_stop) if in_main_thread else None
         progress = None
         if state.is_main and config.progress:
             from tqdm import tqdm
@@ -354,7 +357,8 @@ class Trainer:
                 if config.save_every and self.step % config.save_every == 0:
                     self.save()
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous_handler)
             if progress is not None:
                 progress.close()
         summary = {"step": self.step, "interrupted": interrupted,
