@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from prefrank.train import selfpref_demo
 from prefrank.train.config import TrainConfig
 from prefrank.train.data import TASKS, PreferenceRecord, export_jsonl, synthetic_dataset
 from prefrank.train.loop import Trainer
@@ -81,6 +82,8 @@ def one_pair_per_prompt(base, records, settings):
 
 
 DEMO_METHODS = [DemoMethod("DPO (one pair / prompt)", "dpo", one_pair_per_prompt)]
+# -- selfpref rows (issue 7): listwise PL, SMPRO, MISP-DPO; see prefrank/train/selfpref_demo.py --
+DEMO_METHODS += selfpref_demo.selfpref_rows(DemoMethod)
 
 
 def _first(metrics, *keys):
@@ -130,6 +133,9 @@ def run_demo(settings):
     rows = [{"label": "base (SFT warm-up)", "method": "sft", "accuracy": base_summary["eval_accuracy"],
              "per_task": base_summary["per_task"], "margin": None, "reward_accuracy": None,
              "seconds": base_summary["wall_seconds"], "run": "sft"}]
+    # -- selfpref (issue 7): one held-out yardstick for every row (β·log-ratio vs the base, labelled answers)
+    base_logps = response_logps(base, eval_records)
+    rows[0].update(heldout_margin=None, heldout_reward_accuracy=None)
     for demo_method in DEMO_METHODS:
         print(f"[demo] {demo_method.label}: {settings.pref_steps} steps from the SFT base", flush=True)
         method_started = time.perf_counter()
@@ -137,21 +143,28 @@ def run_demo(settings):
         export_jsonl(records, out / "data" / f"{demo_method.method}.jsonl")
         overrides = dict(steps=settings.pref_steps, lr=settings.pref_lr, beta=settings.beta, warmup_steps=5,
                          init=str(out / "sft"), **demo_method.overrides)
-        _, summary = _train(settings, demo_method.method, out / demo_method.method, records, eval_records,
-                            **overrides)
+        trainer, summary = _train(settings, demo_method.method, out / demo_method.method, records,
+                                  eval_records, **overrides)
         final = summary["final_metrics"]
+        seconds = time.perf_counter() - method_started
+        heldout_margin, heldout_accuracy = selfpref_demo.heldout_reward_margin(
+            response_logps, trainer, base_logps, eval_records, settings.beta)
         rows.append({"label": demo_method.label, "method": demo_method.method,
                      "accuracy": summary["eval_accuracy"], "per_task": summary["per_task"],
                      "margin": _first(final, "rewards/margins", "rewards/margin"),
                      "reward_accuracy": _first(final, "rewards/accuracies", "rewards/ranking_accuracy"),
                      "chosen_reward": final.get("rewards/chosen"),
                      "rejected_reward": final.get("rewards/rejected"),
-                     "seconds": time.perf_counter() - method_started, "run": demo_method.method})
+                     "heldout_margin": heldout_margin, "heldout_reward_accuracy": heldout_accuracy,
+                     "seconds": seconds, "run": demo_method.method})
     total = time.perf_counter() - started
     table = format_table(rows)
     print("\n" + table + f"\n\ntotal wall time {total:.0f} s ({settings.threads} thread(s))", flush=True)
     plot_demo(rows, out)
     write_report(rows, table, observations(rows), total, settings, out)
+    # -- selfpref (issue 7): what the listwise / SMPRO / MISP-DPO rows trained on, measured from their runs --
+    with open(out / "report.md", "a") as report:
+        report.write("\n" + selfpref_demo.report_section(out, train_records) + "\n")
     return rows
 
 
@@ -173,13 +186,16 @@ def observations(rows):
 
 def format_table(rows):
     tasks = list(TASKS)
-    header = ["method", "held-out exact match", *tasks, "reward margin", "reward acc.", "wall time (s)"]
+    header = ["method", "held-out exact match", *tasks, "reward margin", "reward acc.",
+              "held-out margin", "held-out reward acc.", "wall time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["label"], f"{row['accuracy']:.3f}",
                  *(f"{row['per_task'].get(t, float('nan')):.2f}" for t in tasks),
                  "–" if row["margin"] is None else f"{row['margin']:.3f}",
                  "–" if row["reward_accuracy"] is None else f"{row['reward_accuracy']:.2f}",
+                 "–" if row["heldout_margin"] is None else f"{row['heldout_margin']:.3f}",
+                 "–" if row["heldout_reward_accuracy"] is None else f"{row['heldout_reward_accuracy']:.2f}",
                  f"{row['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -380,3 +380,18 @@ def test_self_generation_config_errors(tmp_path):
         Trainer(_tiny(tmp_path, "smpro", self_generate="offline", selfpref={"num_sample": 1}))
     with pytest.raises(ValueError, match="needs method"):
         Trainer(_tiny(tmp_path, "dpo", self_generate="offline"))
+
+
+def test_records_from_groups_filter_and_index_check():
+    from prefrank.train import selfpref
+    from prefrank.train.data import PreferenceRecord
+
+    base = [PreferenceRecord(image=None, question=f"q{i}", responses=[""], groups=[0], answer=f"a{i}")
+            for i in range(3)]
+    groups = [pg.GroupRecord(0, "q0", ["x", "y"], [0, 1]), pg.GroupRecord(2, "q2", ["z"], [0])]
+    records = selfpref.records_from_groups(base, groups)
+    assert [(r.question, r.responses, r.groups, r.answer) for r in records] == [("q0", ["x", "y"], [0, 1], "a0")]
+    stats = selfpref.group_statistics(groups)
+    assert stats == {"prompts": 2, "prompts_with_negatives": 1, "mean_candidates": 2.0, "mean_levels": 2.0}
+    with pytest.raises(ValueError, match="not an index"):
+        selfpref.records_from_groups(base, [pg.GroupRecord(5, "q", ["x", "y"], [0, 1])])

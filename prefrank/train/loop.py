@@ -383,7 +383,8 @@ class Trainer:
             self.vlm.processor.save_pretrained(self.out / "final")
             rows = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
             last = [r for r in rows if "loss" in r][-max(1, self.config.steps // 10):]
-            summary["final_metrics"] = {k: sum(r[k] for r in last) / len(last)
+            # per-level metrics (rewards/group_3 …) exist only on steps whose batch has that level (issue 7)
+            summary["final_metrics"] = {k: sum(r[k] for r in last if k in r) / sum(k in r for r in last)
                                         for k in last[-1] if k not in ("step", "lr")}
             from prefrank.train.plots import plot_metrics
 

@@ -13,12 +13,15 @@ and are dropped (SeVa's chosen == rejected filter). "offline": one round before 
 steps (``round_<k>.jsonl``; a resumed run reloads the round it was in instead of regenerating it).
 ``selfpref.cache`` = a round JSONL of an earlier run to train on without generating.
 
-MISP-DPO (papers.md §3.3–3.4): a shared candidate pool of ``pool_size`` images (the synthetic generator with
-``pool_seed``, or every image of ``pool_folder``); joint embeddings from the policy's own vision tower (mean of
-the projected image tokens) and token embeddings (mean over the question's tokens), randomly projected to
-``proj_dim`` per side; one sparse autoencoder fitted on every (record, candidate) difference vector; K =
-``TrainConfig.num_negatives`` negatives per record picked by ``prefrank.negatives.select_negatives`` with
-their log q for the importance correction. Text side: the record's best response vs the policy's greedy
+MISP-DPO (papers.md §3.3–3.4): a gallery of ``pool_size`` images (the synthetic generator with ``pool_seed``,
+or every image of ``pool_folder``); per record, the gallery minus the images on which the policy itself gives
+the record's best answer (our choice: such an image supports y_p, so it is no negative for it), then the
+``candidates_per_record`` most similar ones (the paper's CLIP-retrieval step); joint embeddings from the
+policy's own vision tower (mean of the projected image tokens) and token embeddings (mean over the
+question's tokens), randomly projected to ``proj_dim`` per side; one sparse autoencoder fitted on every
+(record, candidate) difference vector; K = ``TrainConfig.num_negatives`` negatives per record picked by
+``prefrank.negatives.select_negatives`` with their log q (over the record's candidates) for the importance
+correction. Text side: the record's best response vs the policy's greedy
 answer on the first selected negative image (the record's worst response when the two coincide). Loss:
 ``prefrank.losses.misp_dpo_loss``. Selection happens once, from the initial policy ("offline"; "online" is
 SMPRO-only).
@@ -63,9 +66,11 @@ class SelfPrefOptions:
     generation_batch_size: int = 64
     cache: str | None = None  # offline: load this round-0 JSONL (written by an earlier run) instead of generating
     # MISP-DPO negative selection
-    pool_size: int = 32
+    pool_size: int = 64
     pool_seed: int = 7
     pool_folder: str | None = None
+    candidates_per_record: int | None = 16  # retrieval: the most similar allowed pool images (None = all)
+    exclude_supporting: bool = True  # drop pool images on which the policy answers the record's best response
     proj_dim: int = 16
     sae_latents: int = 128
     sae_steps: int = 200
@@ -93,6 +98,9 @@ class SelfPrefOptions:
         for name in ("generation_batch_size", "pool_size", "proj_dim", "sae_latents", "sae_steps"):
             if getattr(options, name) < 1:
                 raise ValueError(f"selfpref.{name} must be >= 1, got {getattr(options, name)}")
+        if options.candidates_per_record is not None and options.candidates_per_record < 1:
+            raise ValueError("selfpref.candidates_per_record must be >= 1 or None, got "
+                             f"{options.candidates_per_record}")
         if not options.temperature > 0:
             raise ValueError(f"selfpref.temperature must be > 0, got {options.temperature}")
         return options
@@ -250,54 +258,89 @@ def candidate_pool(options):
     return [Image.open(p).convert("RGB") for p in paths]
 
 
+def _pool_answers(vlm, pool, questions, pairs, options, *, max_new_tokens, device):
+    """The policy's greedy answer for each (pool index, question index) pair in ``pairs`` (deduplicated)."""
+    pairs = sorted(set(pairs))
+    prompts = [vlm.encode_prompt(pool[k], questions[q]) for k, q in pairs]
+    answers = generate_answers(vlm, prompts, max_new_tokens=max_new_tokens, device=device,
+                               batch_size=options.generation_batch_size)
+    return dict(zip(pairs, answers, strict=True))
+
+
 def misp_select(vlm, records, options, *, num_negatives, max_new_tokens, device):
     """Attach ``num_negatives`` selected pool images (+ their log q) and a generated text negative to each
-    record. Returns (new records, selection summary rows)."""
+    record. Returns (new records, selection summary).
+
+    Per record: (1) candidates = the pool minus the images on which the policy itself answers the record's
+    best response (``exclude_supporting``: such an image is not a negative for that answer); (2) retrieval of the
+    ``candidates_per_record`` most similar of them (cosine of the image embeddings; None = all), the CLIP
+    retrieval step of the paper; (3) SAE score, greedy diverse selection and q over those candidates.
+    """
     pool = candidate_pool(options)
     if num_negatives > len(pool):
         raise ValueError(f"num_negatives={num_negatives} exceeds the candidate pool ({len(pool)} images)")
     image_encoder, text_encoder = policy_encoders(vlm, device)
     embedder = neg.JointEmbedder(image_encoder, text_encoder, image_proj=options.proj_dim,
                                  text_proj=options.proj_dim, seed=options.seed)
-    questions = [r.question for r in records]
+    distinct = sorted({r.question for r in records})
+    question_index = {q: i for i, q in enumerate(distinct)}
     h_pos = embedder.encode_images([vlm.encode_prompt(r.image, r.question) for r in records])
-    h_pool = embedder.encode_images([vlm.encode_prompt(image, questions[0]) for image in pool])
-    h_text = embedder.encode_texts(questions)
+    h_pool = embedder.encode_images([vlm.encode_prompt(image, distinct[0]) for image in pool])
+    h_text = embedder.encode_texts([r.question for r in records])
+    chosen = [r.responses[r.groups.index(min(g for g in r.groups if g >= 0))] for r in records]
+
+    allowed = torch.ones(len(records), len(pool), dtype=torch.bool)
+    answers = {}
+    if options.exclude_supporting:
+        pairs = [(k, q) for k in range(len(pool)) for q in range(len(distinct))]  # cost: pool × distinct questions
+        answers = _pool_answers(vlm, pool, distinct, pairs, options, max_new_tokens=max_new_tokens, device=device)
+        for i, record in enumerate(records):
+            q = question_index[record.question]
+            supporting = torch.tensor([normalize_answer(answers[k, q]) == normalize_answer(chosen[i])
+                                       for k in range(len(pool))])
+            if int((~supporting).sum()) >= num_negatives:  # else: too few left, keep the whole pool
+                allowed[i] = ~supporting
+    m = len(pool) if options.candidates_per_record is None else min(options.candidates_per_record, len(pool))
+    similarity = torch.nn.functional.normalize(h_pos, dim=-1) @ torch.nn.functional.normalize(h_pool, dim=-1).T
+    similarity = similarity.masked_fill(~allowed, float("-inf"))
+    m = min(m, int(allowed.sum(1).min()))
+    candidates = similarity.topk(m, dim=1).indices                                 # (N, m) pool indices
     e_pos = neg.joint_embedding(h_pos, h_text)                                        # (N, P)
-    e_pool = neg.joint_embedding(h_pool[None, :, :], h_text[:, None, :])              # (N, M, P)
-    diffs = neg.difference_vectors(e_pos, e_pool)
+    e_cand = neg.joint_embedding(h_pool[candidates], h_text[:, None, :])              # (N, m, P)
+    diffs = neg.difference_vectors(e_pos, e_cand)
     fit = neg.train_sae(diffs.reshape(-1, diffs.shape[-1]), latent_dim=options.sae_latents,
                         rho=options.sae_rho, gamma=options.sae_gamma, steps=options.sae_steps, seed=options.seed)
     if options.selection == "uniform":
         generator = torch.Generator().manual_seed(options.seed)
-        indices = torch.stack([torch.randperm(len(pool), generator=generator)[:num_negatives]
-                               for _ in records])
+        local = torch.stack([torch.randperm(m, generator=generator)[:num_negatives] for _ in records])
         log_q = None
     else:
         selection = neg.select_negatives(fit.sae, diffs, num_negatives, mode=options.selection,
                                          diversity_weight=options.diversity_weight, tau=options.tau,
                                          generator=torch.Generator().manual_seed(options.seed))
-        indices, log_q = selection.indices, selection.log_q
-    negative_prompts = [vlm.encode_prompt(pool[int(indices[i, 0])], r.question) for i, r in enumerate(records)]
-    text_negatives = generate_answers(vlm, negative_prompts, max_new_tokens=max_new_tokens, device=device,
-                                      batch_size=options.generation_batch_size)
+        local, log_q = selection.indices, selection.log_q
+    indices = candidates.gather(1, local)
+    missing = [(int(indices[i, 0]), question_index[r.question]) for i, r in enumerate(records)
+               if (int(indices[i, 0]), question_index[r.question]) not in answers]
+    answers.update(_pool_answers(vlm, pool, distinct, missing, options, max_new_tokens=max_new_tokens,
+                                 device=device) if missing else {})
     out, summary = [], []
     for i, record in enumerate(records):
-        best = min(g for g in record.groups if g >= 0)
-        chosen = record.responses[record.groups.index(best)]
-        rejected = text_negatives[i]
-        from_policy = normalize_answer(rejected) != normalize_answer(chosen)
+        rejected = answers[int(indices[i, 0]), question_index[record.question]]
+        from_policy = normalize_answer(rejected) != normalize_answer(chosen[i])
         if not from_policy:
             worst = max(record.groups)
             rejected = record.responses[record.groups.index(worst)]
         picked = [int(k) for k in indices[i]]
-        out.append(PreferenceRecord(image=record.image, question=record.question, responses=[chosen, rejected],
-                                    groups=[0, 1], answer=record.answer,
+        out.append(PreferenceRecord(image=record.image, question=record.question,
+                                    responses=[chosen[i], rejected], groups=[0, 1], answer=record.answer,
                                     negative_images=[pool[k] for k in picked],
                                     negative_log_q=None if log_q is None else [float(v) for v in log_q[i]]))
         summary.append({"record": i, "negatives": picked, "log_q": out[-1].negative_log_q,
-                        "text_negative": rejected, "text_negative_from_policy": from_policy})
-    return out, {"sae_loss_first": fit.losses[0], "sae_loss_last": fit.losses[-1], "rows": summary}
+                        "allowed": int(allowed[i].sum()), "text_negative": rejected,
+                        "text_negative_from_policy": from_policy})
+    return out, {"sae_loss_first": fit.losses[0], "sae_loss_last": fit.losses[-1], "candidates": m,
+                 "rows": summary}
 
 
 # ------------------------------------------------------------------------------------------------------------
