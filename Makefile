@@ -12,7 +12,7 @@ STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(wildcard csrc/*) setup.py
 
-.PHONY: test demo build bench lint clean
+.PHONY: test demo showcase build bench lint clean
 
 $(STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: build
 	$(PY) -m pytest tests -q -n 2
 
 demo: build
+	$(PY) -m prefrank.demo
+
+showcase: build
 	$(PY) -m prefrank.showcase
 
 bench: build
