@@ -10,7 +10,7 @@
 //
 // fp16/bf16/fp32 rows accumulate in float with a vectorisable exp (Cody-Waite + degree-7 polynomial,
 // ≤ 1e-7 relative error); float64 rows use double and std::exp (gradcheck precision). The row loops live in
-// logprobs_rows.h, compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time.
+// logprobs_rows.h, compiled for AVX-512, AVX2 and the baseline target and picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +24,8 @@
 namespace prefrank {
 namespace {
 
+#if defined(__x86_64__) || defined(__i386__)
+#define PREFRANK_LOGPROBS_X86 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace rows_avx512 {
@@ -36,14 +38,17 @@ namespace rows_avx2 {
 #include "logprobs_rows.h"
 }
 #pragma GCC pop_options
+#endif
 namespace rows_baseline {
 #include "logprobs_rows.h"
 }
 
 enum class Isa { avx512, avx2, baseline };
 Isa detect_isa() {
+#ifdef PREFRANK_LOGPROBS_X86
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
   return Isa::baseline;
 }
 const Isa kIsa = detect_isa();
@@ -54,24 +59,23 @@ using Elem = rows_baseline::Elem<scalar_t>;  // raw/acc types (identical in ever
 template <typename scalar_t>
 typename Elem<scalar_t>::acc row_lse(const typename Elem<scalar_t>::raw* x, int64_t V,
                                      typename Elem<scalar_t>::acc inv_temp) {
-  switch (kIsa) {
-    case Isa::avx512: return rows_avx512::row_lse<rows_avx512::Elem<scalar_t>>(x, V, inv_temp);
-    case Isa::avx2: return rows_avx2::row_lse<rows_avx2::Elem<scalar_t>>(x, V, inv_temp);
-    default: return rows_baseline::row_lse<rows_baseline::Elem<scalar_t>>(x, V, inv_temp);
-  }
+#ifdef PREFRANK_LOGPROBS_X86
+  if (kIsa == Isa::avx512) return rows_avx512::row_lse<rows_avx512::Elem<scalar_t>>(x, V, inv_temp);
+  if (kIsa == Isa::avx2) return rows_avx2::row_lse<rows_avx2::Elem<scalar_t>>(x, V, inv_temp);
+#endif
+  return rows_baseline::row_lse<rows_baseline::Elem<scalar_t>>(x, V, inv_temp);
 }
 
 template <typename scalar_t, typename acc_t = typename Elem<scalar_t>::acc>
 void row_grad(const typename Elem<scalar_t>::raw* x, typename Elem<scalar_t>::raw* out, int64_t V,
               int64_t label, acc_t inv_temp, acc_t lse, acc_t scale) {
-  switch (kIsa) {
-    case Isa::avx512:
-      return rows_avx512::row_grad<rows_avx512::Elem<scalar_t>>(x, out, V, label, inv_temp, lse, scale);
-    case Isa::avx2:
-      return rows_avx2::row_grad<rows_avx2::Elem<scalar_t>>(x, out, V, label, inv_temp, lse, scale);
-    default:
-      return rows_baseline::row_grad<rows_baseline::Elem<scalar_t>>(x, out, V, label, inv_temp, lse, scale);
-  }
+#ifdef PREFRANK_LOGPROBS_X86
+  if (kIsa == Isa::avx512)
+    return rows_avx512::row_grad<rows_avx512::Elem<scalar_t>>(x, out, V, label, inv_temp, lse, scale);
+  if (kIsa == Isa::avx2)
+    return rows_avx2::row_grad<rows_avx2::Elem<scalar_t>>(x, out, V, label, inv_temp, lse, scale);
+#endif
+  return rows_baseline::row_grad<rows_baseline::Elem<scalar_t>>(x, out, V, label, inv_temp, lse, scale);
 }
 
 struct Layout {

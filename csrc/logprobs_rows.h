@@ -1,7 +1,7 @@
 // Per-row kernels of the sequence log-probs CPU op (see logprobs_cpu.cpp for the maths).
 //
 // Deliberately without an include guard: logprobs_cpu.cpp includes this file once per instruction set
-// (AVX-512, AVX2, baseline x86-64) inside a namespace under `#pragma GCC target`, so every helper is compiled
+// (AVX-512 and AVX2 on x86, plus the baseline target) inside a namespace under `#pragma GCC target`, so every helper is compiled
 // for the same target as the loop that inlines it (gcc does not inline across target mismatches, and an
 // exp or conversion left as a call keeps the loop scalar), then picks the variant at run time.
 // Needs <algorithm>, <cmath>, <cstdint>, <cstring>, <limits> and c10's Half/BFloat16 included before.
@@ -28,8 +28,7 @@ __attribute__((always_inline)) inline float vec_exp(float x) {
 }
 __attribute__((always_inline)) inline double vec_exp(double x) { return std::exp(x); }
 
-// Element conversions, always inlined so gcc vectorises the row loops of every target clone (c10's own
-// Half/BFloat16 conversions are not inlined into the clones and branch on NaN, which keeps loops scalar).
+// Bit casts and selects for the branch-free Half/BFloat16 conversions below.
 __attribute__((always_inline)) inline float bits_to_float(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
@@ -48,8 +47,7 @@ __attribute__((always_inline)) inline uint32_t select_bits(bool cond, uint32_t a
 
 // How a storage type is read and written in the row loops: raw element type, accumulator, load, store.
 // Half/BFloat16 rows are handled as raw uint16_t bits with branch-free conversions, always inlined, so gcc
-// vectorises the loops of every target clone (c10's own conversions are not inlined into the clones and
-// branch on NaN, which kept those loops scalar).
+// vectorises the loops (c10's own conversions branch on NaN, which keeps a loop scalar).
 template <typename scalar_t>
 struct Elem {  // float, double
   using raw = scalar_t;

@@ -109,6 +109,8 @@ def test_strided_logits_are_not_copied(seed, impl):
     _check_against_reference(impl, time_major, labels, scale=7)
     grouped = torch.randn(2, 3, 9, 101)[:, :, 1:]  # (B, K, T, V) sliced on T
     _check_against_reference(impl, grouped, torch.randint(0, 101, (2, 3, 8)), scale=8)
+    unmergeable = torch.randn(3, 2, 5, 101).transpose(0, 1)  # leading dims cannot be viewed as one: copied
+    _check_against_reference(impl, unmergeable, torch.randint(0, 101, (2, 3, 5)), scale=5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
