@@ -44,6 +44,9 @@ PF_HD acc_t atan_(acc_t x) {
   const acc_t y = big ? acc_t(1.5707963267948966) + r : (mid ? acc_t(0.7853981633974483) + r : r);
   return x < acc_t(0) ? -y : y;
 }
+// fp32: evaluated in double and rounded once, which is what torch's fp32 atan (hence diffsort) returns nearly
+// always; α differences of an ulp get amplified through the layers at high steepness.
+PF_HD float atan_(float x) { return static_cast<float>(atan_<double>(static_cast<double>(x))); }
 PF_HD float erf_(float x) { return ::erff(x); }
 PF_HD double erf_(double x) { return ::erf(x); }
 PF_HD float pow_(float x, float y) { return ::powf(x, y); }
@@ -106,7 +109,7 @@ PF_HD acc_t alpha(acc_t d, int64_t relaxation, acc_t s, acc_t lam) {
       return acc_t(0.5) * (z / (acc_t(2) + abs_(z)) + acc_t(1));
     }
     case kCauchy:
-      return acc_t(1) / acc_t(3.141592653589793) * atan_(s * d) + acc_t(0.5);
+      return acc_t(0.3183098861837907) * atan_(s * d) + acc_t(0.5);  // (1/π rounded once, as torch does)
     default: {  // kOptimal
       const acc_t z = s * d;
       const acc_t inner = z < acc_t(-0.25) ? acc_t(-0.25) : (z > acc_t(0.25) ? acc_t(0.25) : z);

@@ -404,3 +404,25 @@ def test_bad_input_errors():
         ops.sortnet_rank_loss(torch.randn(1, 513), torch.zeros(1, 513, dtype=torch.int64))
     # NaN in padding is fine: padding never enters the sort
     ops.sortnet_rank_loss(torch.tensor([[0.0, float("nan")]]), torch.tensor([[0, -1]]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA; benchmarks/gpu.sh runs them)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [5, 64, 300, 512])
+def test_cuda_triton_matches_reference(n, seed):
+    network = "bitonic" if n >= 300 else "odd_even"
+    x = torch.randn(4, n, device="cuda", dtype=torch.float64)
+    _assert_soft_sort_matches("auto", x, network=network, relaxation="cauchy", steepness=3.0)
+    _assert_soft_sort_matches("auto", x.float(), atol=1e-4, rtol=1e-4, network=network, steepness=3.0)
+    groups = torch.randint(-1, 4, (4, n), device="cuda")
+    scores = x.clone().requires_grad_()
+    loss = ops.sortnet_rank_loss(scores, groups, network=network, steepness=3.0, reduction="none")
+    loss.sum().backward()
+    leaf = x.clone().requires_grad_()
+    expected = reference.sortnet_rank_loss(leaf, groups, network=network, steepness=3.0, reduction="none")
+    expected.sum().backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(scores.grad, leaf.grad)
