@@ -8,6 +8,8 @@ fallback to the reference implementation.
 import hashlib
 from pathlib import Path
 
+import torch  # noqa: F401  (loads libc10/libtorch, which prefrank._C links against)
+
 REBUILD_HINT = (
     "build it from the source checkout with `make build` (or `pip install --no-build-isolation -e .`), "
     "or run with PREFRANK_BACKEND=reference to use the pure-PyTorch implementations"
