@@ -5,16 +5,18 @@ the device and the selected backend (see :mod:`prefrank.backend`): CUDA tensors 
 extension, CPU tensors → the C++ CPU kernels, ``set_backend("reference")`` → :mod:`prefrank.reference`.
 """
 
-from prefrank.backend import get_backend, set_backend, use_backend  # noqa: F401
+from prefrank.backend import get_backend, set_backend, use_backend
+from prefrank.logprobs import linear_sequence_logprobs, sequence_logprobs
+from prefrank.plackett_luce import plackett_luce_nll
+from prefrank.sortnet import soft_sort, sortnet_rank_loss
 
-# -- Plackett-Luce --
-from prefrank.plackett_luce import plackett_luce_nll  # noqa: F401
-
-# -- sequence log-probs (logprobs family) --
-# isort: split
-from prefrank.logprobs import linear_sequence_logprobs, sequence_logprobs  # noqa: F401
-
-
-# -- sorting networks (sortnet family) --
-from prefrank.sortnet import soft_sort, sortnet_rank_loss  # noqa: F401
-
+__all__ = [
+    "get_backend",
+    "linear_sequence_logprobs",
+    "plackett_luce_nll",
+    "sequence_logprobs",
+    "set_backend",
+    "soft_sort",
+    "sortnet_rank_loss",
+    "use_backend",
+]
