@@ -80,11 +80,32 @@ def peak_extra_bytes(module, index, device):
 
 
 def measure_peak(module, index, device):
+    # a fixed mmap threshold makes glibc return every large freed block, so the resident set tracks what
+    # is live instead of what the allocator kept
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, __file__, "--peak-of", module, str(index), "--device", device],
-                         capture_output=True, text=True, cwd=ROOT)
+                         capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def device_bandwidth(device):
+    """Peak DRAM bandwidth in bytes/s (CUDA only), from the memory clock and bus width."""
+    if device != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
+
+
+def roofline_ms(module, case, device):
+    """fwd+bwd time at the device's bandwidth for the bytes the op must move (cases that define it)."""
+    bytes_moved = getattr(importlib.import_module(f"benchmarks.{module}"), "min_bytes_moved", None)
+    bandwidth = device_bandwidth(device)
+    if bytes_moved is None or bandwidth is None:
+        return ""
+    return bytes_moved(case)[1] / bandwidth * 1e3
 
 
 def machine_name(device):
@@ -95,7 +116,7 @@ def machine_name(device):
 
 def write_outputs(rows, machine):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    fields = ["op", "shape", "dtype", "device", "impl", "fwd_ms", "fwd_bwd_ms", "peak_mib"]
+    fields = ["op", "shape", "dtype", "device", "impl", "fwd_ms", "fwd_bwd_ms", "peak_mib", "roofline_ms"]
     with open(RESULTS / f"{machine}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -113,8 +134,9 @@ def markdown_table(rows, machine):
     reference (or the peer) of the same op and shape."""
     lines = [f"Benchmarks on `{machine}` (torch {torch.__version__}; medians; peak = extra memory of one "
              "forward+backward beyond its inputs).", "",
-             "| op | shape | dtype | impl | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd speed-up | peak ratio |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+             "| op | shape | dtype | impl | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd speed-up | peak ratio |"
+             " roofline ms |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     by_key = {}
     for r in rows:
         by_key.setdefault((r["op"], r["shape"], r["dtype"]), {})[r["impl"]] = r
@@ -126,10 +148,12 @@ def markdown_table(rows, machine):
                 speed = _ratio(r["fwd_bwd_ms"], ours["fwd_bwd_ms"])
                 peak = _ratio(r["peak_mib"], ours["peak_mib"]) if r["peak_mib"] != "" else ""
             mem = f"{r['peak_mib']:.1f}" if r["peak_mib"] != "" else "—"
+            roof = f"{r['roofline_ms']:.3f}" if r["roofline_ms"] != "" else ""
             lines.append(f"| {op} | {shape} | {dtype} | {impl} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                         f"{mem} | {speed} | {peak} |")
-    return "\n".join(lines) + "\n\n(speed-up and peak ratio: that row's impl over prefrank; > 1 means prefrank " \
-                              "is faster / leaner)\n"
+                         f"{mem} | {speed} | {peak} | {roof} |")
+    return "\n".join(lines) + ("\n\n(speed-up and peak ratio: that row's impl over prefrank; > 1 means prefrank "
+                              "is faster / leaner; roofline: fwd+bwd bytes the op must move over the device "
+                              "bandwidth, CUDA only)\n")
 
 
 def plot(rows, path, machine):
@@ -174,7 +198,8 @@ def main():
         forward, forward_backward = case.make()
         row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "device": case.device, "impl": case.impl,
                "fwd_ms": median_ms(forward, args.device), "fwd_bwd_ms": median_ms(forward_backward, args.device),
-               "peak_mib": "" if args.no_memory else measure_peak(module, index, args.device) / 2**20}
+               "peak_mib": "" if args.no_memory else measure_peak(module, index, args.device) / 2**20,
+               "roofline_ms": roofline_ms(module, case, args.device)}
         del forward, forward_backward
         print(json.dumps(row), flush=True)
         rows.append(row)
