@@ -240,7 +240,9 @@ configs; byte-level BPE tokenizer trained in code on the task's text, one token 
 procedurally generated 32×32 images (shapes, colours, counts, positions) with templated questions.
 {settings.num_train} training prompts, {settings.num_eval} held-out prompts (different seed). Accuracy =
 exact match of the greedy answer on the held-out prompts; its binomial standard error at this size is
-about {100 * standard_error:.1f} points, so smaller differences are noise.
+about {100 * standard_error:.1f} points. Each row is ONE training run: runs are bit-reproducible on one
+machine, but a different float summation order (another log-prob kernel, thread count or CPU) changes the
+trajectory, and in our runs that alone moved the DPO row by several points (see docs/trainer.md).
 
 - **base**: SFT warm-up, {settings.sft_steps} steps × {settings.batch_size} prompts, lr {settings.sft_lr}.
 - **DPO (one pair / prompt)**: from the base, {settings.pref_steps} steps × {settings.batch_size} prompts,
