@@ -59,6 +59,6 @@ def cases(device):
     out = []
     for impl in ("prefrank", "reference"):
         out.append(_loss_case("listwise_dpo_loss", "B=4096,K=16", impl, device, _listwise(4096, 16)))
-        out.append(_loss_case("smpro_loss", "B=1024,K=8", impl, device, _smpro(1024, 8)))
+        out.append(_loss_case("smpro_loss", "B=256,K=8", impl, device, _smpro(256, 8)))
         out.append(_loss_case("misp_dpo_loss", "B=4096,K=3", impl, device, _misp(4096, 3)))
     return out

@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefrank import _checks, ops, plackett_luce
+from prefrank import _checks, ops, plackett_luce, sortnet
+
+__all__ = ["PreferenceLossOutput", "dpo_loss", "listwise_dpo_loss", "sdpo_loss", "smpro_loss",
+           "misp_dpo_loss", "DPOLoss", "ListwiseDPOLoss", "SDPOLoss", "SMPROLoss", "MISPDPOLoss"]
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 RANKERS = ("plackett_luce", "sortnet")
@@ -125,7 +128,7 @@ def _require_ranked_lists(level, what):
     """ValueError if a list has no two valid items at different levels (nothing to rank there)."""
     if _checks.compiling():
         return
-    bad = level.max(-1).values < 1
+    bad = level.amax(-1) < 1   # amax, not max(dim): the latter opens a parallel region even for tiny inputs
     if bad.any():
         index = int(bad.nonzero()[0, 0])
         raise ValueError(f"{what}: list {index} (flattened batch index) has no two valid items at different "
@@ -138,15 +141,19 @@ def _require_ranked_lists(level, what):
 # ------------------------------------------------------------------------------------------------------------
 
 def _dpo_losses(h, beta, loss_type, label_smoothing):
-    """Per-pair loss from h = (π_c − π_r) − (ref_c − ref_r), TRL's formulas."""
+    """Per-pair loss from h = (π_c − π_r) − (ref_c − ref_r), TRL's formulas.
+
+    −log σ(z) is written softplus(−z) (the same stable function): torch's CPU log_sigmoid launches a parallel
+    region even for a handful of elements, which costs milliseconds per call on a busy machine.
+    """
     if loss_type == "sigmoid":
-        return -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+        return F.softplus(-beta * h) * (1 - label_smoothing) + F.softplus(beta * h) * label_smoothing
     if loss_type == "hinge":
         return torch.relu(1 - beta * h)
     if loss_type == "ipo":
         return (h - 1 / (2 * beta)) ** 2
-    return (-F.logsigmoid(beta * h) * (1 - label_smoothing)
-            + F.logsigmoid(-beta * h) * label_smoothing) / (1 - 2 * label_smoothing)
+    return (F.softplus(-beta * h) * (1 - label_smoothing)
+            - F.softplus(beta * h) * label_smoothing) / (1 - 2 * label_smoothing)
 
 
 def _check_dpo_options(beta, loss_type, label_smoothing):
@@ -218,6 +225,15 @@ def _dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_ty
 # Listwise DPO (Plackett-Luce or sorting-network ranker), S-DPO
 # ------------------------------------------------------------------------------------------------------------
 
+def _check_ranking_input(ranking, policy_logps):
+    _checks.int_tensor("ranking", ranking)
+    _checks.same_device("policy_logps", policy_logps, ranking=ranking)
+    if ranking.shape[:-1] != policy_logps.shape[:-1] or ranking.dim() != policy_logps.dim():
+        raise ValueError(f"ranking must have the shape of policy_logps {tuple(policy_logps.shape)} (the "
+                         f"place axis may be shorter), got {tuple(ranking.shape)}")
+    plackett_luce._check_ranking(ranking, policy_logps.shape[-1])
+
+
 def _listwise_inputs(policy_logps, ref_logps, groups, ranking, mask):
     """Validate the (…, K) list inputs; return them flattened to (N, K) (views where possible)."""
     acc = _float_inputs(policy_logps=policy_logps, ref_logps=ref_logps)
@@ -226,7 +242,6 @@ def _listwise_inputs(policy_logps, ref_logps, groups, ranking, mask):
         raise ValueError("policy_logps must have at least one dimension (the items of each list)")
     if ranking is not None and groups is not None:
         raise ValueError("pass either ranking or groups, not both")
-    K = policy_logps.shape[-1]
     flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
     if groups is not None:
         _checks.int_tensor("groups", groups)
@@ -234,12 +249,7 @@ def _listwise_inputs(policy_logps, ref_logps, groups, ranking, mask):
         _checks.same_shape("policy_logps", policy_logps, groups=groups)
         plackett_luce._check_groups(groups)
     if ranking is not None:
-        _checks.int_tensor("ranking", ranking)
-        _checks.same_device("policy_logps", policy_logps, ranking=ranking)
-        if ranking.shape[:-1] != policy_logps.shape[:-1] or ranking.dim() != policy_logps.dim():
-            raise ValueError(f"ranking must have the shape of policy_logps {tuple(policy_logps.shape)} (the "
-                             f"place axis may be shorter), got {tuple(ranking.shape)}")
-        plackett_luce._check_ranking(ranking, K)
+        _check_ranking_input(ranking, policy_logps)
     if mask is not None:
         _checks.bool_tensor("mask", mask)
         _checks.same_device("policy_logps", policy_logps, mask=mask)
@@ -456,7 +466,8 @@ def smpro_loss(policy_logps, ref_logps, groups, *, beta=0.1, network="odd_even",
         raise ValueError("within_weight > 0 needs ranking: the internal order of the groups")
     policy, ref, groups_f, _, mask_f, acc = _listwise_inputs(policy_logps, ref_logps, groups, None, mask)
     if ranking is not None:
-        _, _, _, ranking_f, _, _ = _listwise_inputs(policy_logps, ref_logps, None, ranking, None)
+        _check_ranking_input(ranking, policy_logps)
+        ranking_f = ranking.reshape(-1, ranking.shape[-1])
     level = _item_levels(policy, groups=groups_f, mask=mask_f)
     valid = level >= 0
     rewards = torch.where(valid, _rewards(policy, ref, beta, acc), 0)  # padding may hold garbage
@@ -622,6 +633,7 @@ class SMPROLoss(nn.Module):
         self.beta = _positive_number("beta", beta)
         self.within_weight = _non_negative_number("within_weight", within_weight)
         self.anchor_weight = _non_negative_number("anchor_weight", anchor_weight)
+        sortnet._check_options(network, relaxation, steepness, 0.25)  # fail at construction, not mid-run
         self.network, self.relaxation, self.steepness = network, relaxation, steepness
 
     def forward(self, policy_logps, ref_logps, groups, mask=None, ranking=None):

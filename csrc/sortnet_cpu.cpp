@@ -1,0 +1,435 @@
+// Differentiable sorting networks: operator schemas and CPU kernels (one list per at::parallel_for task).
+//
+// Per list of m items and L layers (schedule and relaxations in sortnet_math.h):
+//  * values: each comparator touches its two wires: O(L·m) work. The forward saves α per wire (both wires
+//    of a comparator hold the comparator's α): `alpha` is (lists, L, n), 4·L·n bytes per fp32 list.
+//  * P: row i of P is the one-hot e_i pushed through the network, each comparator mixing two entries, so P
+//    costs O(L·m²) and is built in blocks of R rows kept WIRE-major (Q[w][r] = P[row0 + r, w]): a
+//    comparator mixes two contiguous R-vectors. P is never needed by the loss ops, which reduce each final
+//    row on the fly.
+//  * backward: the value trajectory is recomputed from x and the saved α (O(L·m)); for the P part each row
+//    block is re-run forward keeping its trajectory (L·m·R values of per-thread scratch, R chosen so this
+//    stays ≤ 2^21 elements), then the adjoint rows are pulled back layer by layer while accumulating
+//    ∂L/∂α_c = ±Σ_r (Ḡ[lo][r] − Ḡ[hi][r])·(Q[lo][r] − Q[hi][r]). Nothing of size L·n² is ever stored.
+//
+// Gradient of one comparator (lo < hi, own/other = α/(1−α), swapped when flipped), with a, b the values
+// entering it and g_lo, g_hi the adjoints leaving it:
+//   ∂L/∂α = ±(g_lo − g_hi)(a − b)  (+ the P part),  ∂L/∂d = ∂L/∂α · f'(d),  d = b − a
+//   ḡ_lo = own·g_lo + other·g_hi − ∂L/∂d,   ḡ_hi = other·g_lo + own·g_hi + ∂L/∂d.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "sortnet_math.h"
+
+namespace prefrank {
+namespace {
+
+using namespace sortnet;
+
+enum Target : int64_t { kBlock = 0, kPermutation = 1 };
+constexpr int64_t kScratchElements = int64_t(1) << 21;
+
+// The comparators of a network on m wires, layer by layer (pass-through wires omitted).
+struct Schedule {
+  int64_t layers = 0;
+  std::vector<int64_t> start;  // comparators of layer l: [start[l], start[l+1])
+  std::vector<int32_t> lo, hi;
+  std::vector<uint8_t> flipped;
+
+  Schedule(int64_t network, int64_t m) : layers(num_layers(network, m)) {
+    start.reserve(layers + 1);
+    for (int64_t l = 0; l < layers; ++l) {
+      start.push_back(static_cast<int64_t>(lo.size()));
+      for (int64_t w = 0; w < m; ++w) {
+        bool flip = false;
+        const int64_t p = partner(network, m, l, w, &flip);
+        if (p > w) {
+          lo.push_back(static_cast<int32_t>(w));
+          hi.push_back(static_cast<int32_t>(p));
+          flipped.push_back(flip);
+        }
+      }
+    }
+    start.push_back(static_cast<int64_t>(lo.size()));
+  }
+};
+
+template <typename acc_t>
+struct Options {
+  int64_t network, relaxation;
+  acc_t s, lam;
+};
+
+// Values forward of one list: x (m values, sorted in place), α per wire written to alpha (layers × n).
+template <typename acc_t>
+void values_forward(const Schedule& net, const Options<acc_t>& o, acc_t* x, acc_t* alpha, int64_t n) {
+  for (int64_t l = 0; l < net.layers; ++l) {
+    for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
+      const int32_t lo = net.lo[c], hi = net.hi[c];
+      const acc_t a = x[lo], b = x[hi];
+      const acc_t al = sortnet::alpha(b - a, o.relaxation, o.s, o.lam);
+      const acc_t own = net.flipped[c] ? acc_t(1) - al : al;
+      const acc_t other = net.flipped[c] ? al : acc_t(1) - al;
+      x[lo] = own * a + other * b;
+      x[hi] = own * b + other * a;
+      alpha[l * n + lo] = al;
+      alpha[l * n + hi] = al;
+    }
+  }
+}
+
+// One layer of the P-row block Q (wire-major, rows of length R, rr of them used).
+template <typename acc_t>
+inline void rows_layer(const Schedule& net, int64_t l, const acc_t* alpha_l, const acc_t* in, acc_t* out,
+                       int64_t m, int64_t R, int64_t rr) {
+  if (in != out) std::copy(in, in + m * R, out);
+  for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
+    const int32_t lo = net.lo[c], hi = net.hi[c];
+    const acc_t al = alpha_l[lo];
+    const acc_t own = net.flipped[c] ? acc_t(1) - al : al;
+    const acc_t other = net.flipped[c] ? al : acc_t(1) - al;
+    const acc_t* a = in + lo * R;
+    const acc_t* b = in + hi * R;
+    acc_t* ya = out + lo * R;
+    acc_t* yb = out + hi * R;
+#pragma omp simd
+    for (int64_t r = 0; r < rr; ++r) {
+      const acc_t av = a[r], bv = b[r];
+      ya[r] = own * av + other * bv;
+      yb[r] = own * bv + other * av;
+    }
+  }
+}
+
+template <typename acc_t>
+inline void identity_rows(acc_t* Q, int64_t m, int64_t R, int64_t row0) {
+  std::fill(Q, Q + m * R, acc_t(0));
+  for (int64_t r = 0; r < R && row0 + r < m; ++r) Q[(row0 + r) * R + r] = acc_t(1);
+}
+
+inline int64_t rows_per_block(int64_t layers, int64_t m) {
+  const int64_t fit = kScratchElements / std::max<int64_t>(1, (layers + 1) * m);
+  return std::max<int64_t>(1, std::min<int64_t>({m, int64_t(64), fit}));
+}
+
+// Adjoint of the values, given ∂L/∂α from the P part (dalpha, layers × n, indexed at lo): g (m) holds ∂L/∂values
+// on entry and ∂L/∂x on exit. xs is scratch for the value trajectory (layers × m).
+template <typename acc_t>
+void values_backward(const Schedule& net, const Options<acc_t>& o, const acc_t* x0, const acc_t* alpha,
+                     const acc_t* dalpha, int64_t n, int64_t m, acc_t* g, std::vector<acc_t>& xs) {
+  xs.resize(std::max<int64_t>(1, net.layers * m));
+  if (net.layers > 0) std::copy(x0, x0 + m, xs.data());
+  for (int64_t l = 0; l + 1 < net.layers; ++l) {
+    const acc_t* cur = xs.data() + l * m;
+    acc_t* nxt = xs.data() + (l + 1) * m;
+    std::copy(cur, cur + m, nxt);
+    for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
+      const int32_t lo = net.lo[c], hi = net.hi[c];
+      const acc_t al = alpha[l * n + lo];
+      const acc_t own = net.flipped[c] ? acc_t(1) - al : al;
+      const acc_t other = net.flipped[c] ? al : acc_t(1) - al;
+      nxt[lo] = own * cur[lo] + other * cur[hi];
+      nxt[hi] = own * cur[hi] + other * cur[lo];
+    }
+  }
+  for (int64_t l = net.layers - 1; l >= 0; --l) {
+    const acc_t* cur = xs.data() + l * m;
+    for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
+      const int32_t lo = net.lo[c], hi = net.hi[c];
+      const acc_t al = alpha[l * n + lo];
+      const bool flip = net.flipped[c];
+      const acc_t own = flip ? acc_t(1) - al : al;
+      const acc_t other = flip ? al : acc_t(1) - al;
+      const acc_t a = cur[lo], b = cur[hi], gl = g[lo], gh = g[hi];
+      acc_t d_alpha = (gl - gh) * (a - b);
+      if (flip) d_alpha = -d_alpha;
+      if (dalpha != nullptr) d_alpha += dalpha[l * n + lo];
+      const acc_t d_d = d_alpha * alpha_slope(b - a, o.relaxation, o.s, o.lam);
+      g[lo] = own * gl + other * gh - d_d;
+      g[hi] = other * gl + own * gh + d_d;
+    }
+  }
+}
+
+// P part of the backward for one list: accumulates ∂L/∂α (dalpha, layers × n at lo) for the adjoint rows that
+// `seed(row0, rr, Q_final, G)` writes into G (wire-major, like Q) given the block's final rows Q_final.
+template <typename acc_t, typename Seed>
+void rows_backward(const Schedule& net, const acc_t* alpha, int64_t n, int64_t m, acc_t* dalpha,
+                   std::vector<acc_t>& traj, std::vector<acc_t>& G, const Seed& seed) {
+  const int64_t L = net.layers;
+  const int64_t R = rows_per_block(L, m);
+  traj.resize((L + 1) * m * R);
+  G.resize(m * R);
+  std::fill(dalpha, dalpha + L * n, acc_t(0));
+  for (int64_t row0 = 0; row0 < m; row0 += R) {
+    const int64_t rr = std::min(R, m - row0);
+    identity_rows(traj.data(), m, R, row0);
+    for (int64_t l = 0; l < L; ++l)
+      rows_layer(net, l, alpha + l * n, traj.data() + l * m * R, traj.data() + (l + 1) * m * R, m, R, rr);
+    std::fill(G.begin(), G.end(), acc_t(0));
+    seed(row0, rr, R, traj.data() + L * m * R, G.data());
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const acc_t* Q = traj.data() + l * m * R;
+      for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
+        const int32_t lo = net.lo[c], hi = net.hi[c];
+        const acc_t al = alpha[l * n + lo];
+        const bool flip = net.flipped[c];
+        const acc_t own = flip ? acc_t(1) - al : al;
+        const acc_t other = flip ? al : acc_t(1) - al;
+        const acc_t* a = Q + lo * R;
+        const acc_t* b = Q + hi * R;
+        acc_t* ga = G.data() + lo * R;
+        acc_t* gb = G.data() + hi * R;
+        acc_t acc = acc_t(0);
+#pragma omp simd reduction(+ : acc)
+        for (int64_t r = 0; r < rr; ++r) {
+          const acc_t gl = ga[r], gh = gb[r];
+          acc += (gl - gh) * (a[r] - b[r]);
+          ga[r] = own * gl + other * gh;
+          gb[r] = other * gl + own * gh;
+        }
+        dalpha[l * n + lo] += flip ? -acc : acc;
+      }
+    }
+  }
+}
+
+void check_common(const at::Tensor& x, int64_t network, int64_t relaxation, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": expected (lists, n) scores");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": scores must be float32 or float64 (prefrank.ops upcasts)");
+  TORCH_CHECK(network == kOddEven || network == kBitonic, op, ": unknown network code ", network);
+  TORCH_CHECK(relaxation >= kLogistic && relaxation <= kOptimal, op, ": unknown relaxation code ", relaxation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sortnet_forward_cpu(const at::Tensor& x_in, int64_t network,
+                                                                   int64_t relaxation, double steepness,
+                                                                   double art_lambda, bool with_perm) {
+  check_common(x_in, network, relaxation, "sortnet_forward");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), n = x.size(1), L = num_layers(network, n);
+  at::Tensor values = at::empty({B, n}, x.options());
+  at::Tensor perm = with_perm ? at::empty({B, n, n}, x.options()) : at::empty({0}, x.options());
+  at::Tensor alpha = at::zeros({B, L, n}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sortnet_forward", [&] {
+    using acc_t = scalar_t;
+    const Schedule net(network, n);
+    const Options<acc_t> o{network, relaxation, static_cast<acc_t>(steepness), static_cast<acc_t>(art_lambda)};
+    const acc_t* xp = x.const_data_ptr<acc_t>();
+    acc_t* vp = values.mutable_data_ptr<acc_t>();
+    acc_t* pp = with_perm ? perm.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* ap = alpha.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      const int64_t R = n;  // all rows at once: one n × n wire-major block
+      std::vector<acc_t> Q(with_perm ? n * R : 0), Q2(with_perm ? n * R : 0);
+      for (int64_t b = begin; b < end; ++b) {
+        acc_t* v = vp + b * n;
+        std::copy(xp + b * n, xp + (b + 1) * n, v);
+        acc_t* al = ap + b * L * n;
+        values_forward(net, o, v, al, n);
+        if (!with_perm) continue;
+        identity_rows(Q.data(), n, R, 0);
+        for (int64_t l = 0; l < L; ++l) rows_layer(net, l, al + l * n, Q.data(), Q.data(), n, R, R);
+        acc_t* P = pp + b * n * n;  // P[i, w] = Q[w][i]
+        for (int64_t w = 0; w < n; ++w)
+          for (int64_t i = 0; i < n; ++i) P[i * n + w] = Q[w * R + i];
+      }
+    });
+  });
+  return {values, perm, alpha};
+}
+
+at::Tensor sortnet_backward_cpu(const at::Tensor& grad_values, const std::optional<at::Tensor>& grad_perm,
+                                const at::Tensor& x_in, const at::Tensor& alpha_in, int64_t network,
+                                int64_t relaxation, double steepness, double art_lambda) {
+  check_common(x_in, network, relaxation, "sortnet_backward");
+  const at::Tensor x = x_in.contiguous(), alpha = alpha_in.contiguous();
+  const int64_t B = x.size(0), n = x.size(1), L = num_layers(network, n);
+  TORCH_CHECK(alpha.sizes() == at::IntArrayRef({B, L, n}), "sortnet_backward: alpha has the wrong shape");
+  at::Tensor grad = grad_values.to(x.scalar_type()).expand({B, n}).contiguous().clone();
+  const bool with_perm = grad_perm.has_value() && grad_perm->defined();
+  at::Tensor gp;
+  if (with_perm) gp = grad_perm->to(x.scalar_type()).expand({B, n, n}).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sortnet_backward", [&] {
+    using acc_t = scalar_t;
+    const Schedule net(network, n);
+    const Options<acc_t> o{network, relaxation, static_cast<acc_t>(steepness), static_cast<acc_t>(art_lambda)};
+    const acc_t* xp = x.const_data_ptr<acc_t>();
+    const acc_t* ap = alpha.const_data_ptr<acc_t>();
+    const acc_t* gpp = with_perm ? gp.const_data_ptr<acc_t>() : nullptr;
+    acc_t* gx = grad.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> xs, traj, G, dalpha(with_perm ? std::max<int64_t>(1, L * n) : 0);
+      for (int64_t b = begin; b < end; ++b) {
+        const acc_t* al = ap + b * L * n;
+        if (with_perm) {
+          const acc_t* Gb = gpp + b * n * n;
+          rows_backward(net, al, n, n, dalpha.data(), traj, G,
+                        [&](int64_t row0, int64_t rr, int64_t R, const acc_t*, acc_t* Gw) {
+                          for (int64_t w = 0; w < n; ++w)
+                            for (int64_t r = 0; r < rr; ++r) Gw[w * R + r] = Gb[(row0 + r) * n + w];
+                        });
+        }
+        values_backward(net, o, xp + b * n, al, with_perm ? dalpha.data() : nullptr, n, n, gx + b * n, xs);
+      }
+    });
+  });
+  return grad;
+}
+
+// ---- fused rank losses: y = the list's valid scores (negated: best first), m = sizes[b] of them ----
+
+void check_loss_inputs(const at::Tensor& y, const at::Tensor& sizes, const at::Tensor& lo, const at::Tensor& hi) {
+  TORCH_CHECK(sizes.scalar_type() == at::kLong && lo.scalar_type() == at::kLong && hi.scalar_type() == at::kLong,
+              "sortnet_loss: sizes/lo/hi must be int64");
+  TORCH_CHECK(sizes.dim() == 1 && sizes.size(0) == y.size(0), "sortnet_loss: sizes must be (lists,)");
+  TORCH_CHECK(lo.sizes() == y.sizes() && hi.sizes() == y.sizes(), "sortnet_loss: lo/hi must match y");
+}
+
+// Loss of one final row block (wire-major rows Q) and, when G != nullptr, ∂loss/∂Q for those rows.
+// block: Σ_rows −log(Σ_{w∈[lo,hi)} Q[w][r]) / m;  permutation: Σ_rows Σ_w BCE(Q[w][r], [w == lo]) / m².
+template <typename acc_t>
+acc_t rows_loss(int64_t target, const acc_t* Q, int64_t R, int64_t rr, int64_t m, const int64_t* lo,
+                const int64_t* hi, acc_t scale, acc_t* G) {
+  acc_t total = acc_t(0);
+  for (int64_t r = 0; r < rr; ++r) {
+    if (target == kBlock) {
+      acc_t mass = acc_t(0);
+      for (int64_t w = lo[r]; w < hi[r]; ++w) mass += Q[w * R + r];
+      const acc_t tiny = std::numeric_limits<acc_t>::min();
+      total -= log_(mass < tiny ? tiny : mass) / acc_t(m);
+      if (G != nullptr && mass >= tiny)
+        for (int64_t w = lo[r]; w < hi[r]; ++w) G[w * R + r] = -scale / (acc_t(m) * mass);
+      continue;
+    }
+    const acc_t mm = acc_t(m) * acc_t(m);
+    for (int64_t w = 0; w < m; ++w) {
+      const acc_t raw = Q[w * R + r];
+      const acc_t p = raw < acc_t(0) ? acc_t(0) : (raw > acc_t(1) ? acc_t(1) : raw);
+      const bool one = w == lo[r];
+      // torch's binary_cross_entropy: logs clamped at -100, gradient (p − q)/max(p(1−p), 1e-12)
+      const acc_t lg = one ? log_(p) : log1p_(-p);
+      total -= (lg < acc_t(-100) ? acc_t(-100) : lg) / mm;
+      if (G != nullptr && raw >= acc_t(0) && raw <= acc_t(1)) {
+        const acc_t denom = std::max(p * (acc_t(1) - p), acc_t(1e-12));
+        G[w * R + r] = scale * (p - acc_t(one)) / denom / mm;
+      }
+    }
+  }
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor> sortnet_loss_forward_cpu(const at::Tensor& y_in, const at::Tensor& sizes_in,
+                                                            const at::Tensor& lo_in, const at::Tensor& hi_in,
+                                                            int64_t target, int64_t network, int64_t relaxation,
+                                                            double steepness, double art_lambda) {
+  check_common(y_in, network, relaxation, "sortnet_loss_forward");
+  check_loss_inputs(y_in, sizes_in, lo_in, hi_in);
+  const at::Tensor y = y_in.contiguous(), sizes = sizes_in.contiguous(), lo = lo_in.contiguous(),
+                   hi = hi_in.contiguous();
+  const int64_t B = y.size(0), n = y.size(1), L = num_layers(network, n);
+  at::Tensor loss = at::empty({B}, y.options());
+  at::Tensor alpha = at::zeros({B, L, n}, y.options());
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "sortnet_loss_forward", [&] {
+    using acc_t = scalar_t;
+    const acc_t* yp = y.const_data_ptr<acc_t>();
+    const int64_t* mp = sizes.const_data_ptr<int64_t>();
+    const int64_t* lop = lo.const_data_ptr<int64_t>();
+    const int64_t* hip = hi.const_data_ptr<int64_t>();
+    acc_t* lp = loss.mutable_data_ptr<acc_t>();
+    acc_t* ap = alpha.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> x(n), Q;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t m = mp[b];
+        const Schedule net(network, m);
+        const Options<acc_t> o{network, relaxation, static_cast<acc_t>(steepness),
+                               static_cast<acc_t>(art_lambda)};
+        std::copy(yp + b * n, yp + b * n + m, x.data());
+        acc_t* al = ap + b * L * n;
+        values_forward(net, o, x.data(), al, n);
+        const int64_t R = std::max<int64_t>(1, std::min<int64_t>(m, 64));
+        Q.resize(std::max<int64_t>(1, m * R));
+        acc_t total = acc_t(0);
+        for (int64_t row0 = 0; row0 < m; row0 += R) {
+          const int64_t rr = std::min(R, m - row0);
+          identity_rows(Q.data(), m, R, row0);
+          for (int64_t l = 0; l < net.layers; ++l) rows_layer(net, l, al + l * n, Q.data(), Q.data(), m, R, rr);
+          total += rows_loss<acc_t>(target, Q.data(), R, rr, m, lop + b * n + row0, hip + b * n + row0,
+                                    acc_t(0), nullptr);
+        }
+        lp[b] = total;
+      }
+    });
+  });
+  return {loss, alpha};
+}
+
+at::Tensor sortnet_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& y_in,
+                                     const at::Tensor& sizes_in, const at::Tensor& lo_in, const at::Tensor& hi_in,
+                                     const at::Tensor& alpha_in, int64_t target, int64_t network,
+                                     int64_t relaxation, double steepness, double art_lambda) {
+  check_common(y_in, network, relaxation, "sortnet_loss_backward");
+  check_loss_inputs(y_in, sizes_in, lo_in, hi_in);
+  const at::Tensor y = y_in.contiguous(), sizes = sizes_in.contiguous(), lo = lo_in.contiguous(),
+                   hi = hi_in.contiguous(), alpha = alpha_in.contiguous();
+  const int64_t B = y.size(0), n = y.size(1), L = num_layers(network, n);
+  TORCH_CHECK(alpha.sizes() == at::IntArrayRef({B, L, n}), "sortnet_loss_backward: alpha has the wrong shape");
+  const at::Tensor gl = grad_loss.to(y.scalar_type()).expand({B}).contiguous();
+  at::Tensor grad = at::zeros({B, n}, y.options());
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "sortnet_loss_backward", [&] {
+    using acc_t = scalar_t;
+    const acc_t* yp = y.const_data_ptr<acc_t>();
+    const int64_t* mp = sizes.const_data_ptr<int64_t>();
+    const int64_t* lop = lo.const_data_ptr<int64_t>();
+    const int64_t* hip = hi.const_data_ptr<int64_t>();
+    const acc_t* ap = alpha.const_data_ptr<acc_t>();
+    const acc_t* glp = gl.const_data_ptr<acc_t>();
+    acc_t* gy = grad.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> xs, traj, G, dalpha(std::max<int64_t>(1, L * n));
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t m = mp[b];
+        if (m == 0) continue;
+        const Schedule net(network, m);
+        const Options<acc_t> o{network, relaxation, static_cast<acc_t>(steepness),
+                               static_cast<acc_t>(art_lambda)};
+        const acc_t* al = ap + b * L * n;
+        rows_backward(net, al, n, m, dalpha.data(), traj, G,
+                      [&](int64_t row0, int64_t rr, int64_t R, const acc_t* Qf, acc_t* Gw) {
+                        rows_loss<acc_t>(target, Qf, R, rr, m, lop + b * n + row0, hip + b * n + row0, glp[b],
+                                         Gw);
+                      });
+        values_backward(net, o, yp + b * n, al, dalpha.data(), n, m, gy + b * n, xs);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(prefrank, m) {
+  m.def("sortnet_forward(Tensor x, int network, int relaxation, float steepness, float art_lambda, "
+        "bool with_perm) -> (Tensor, Tensor, Tensor)");
+  m.def("sortnet_backward(Tensor grad_values, Tensor? grad_perm, Tensor x, Tensor alpha, int network, "
+        "int relaxation, float steepness, float art_lambda) -> Tensor");
+  m.def("sortnet_loss_forward(Tensor y, Tensor sizes, Tensor lo, Tensor hi, int target, int network, "
+        "int relaxation, float steepness, float art_lambda) -> (Tensor, Tensor)");
+  m.def("sortnet_loss_backward(Tensor grad_loss, Tensor y, Tensor sizes, Tensor lo, Tensor hi, Tensor alpha, "
+        "int target, int network, int relaxation, float steepness, float art_lambda) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(prefrank, CPU, m) {
+  m.impl("sortnet_forward", &sortnet_forward_cpu);
+  m.impl("sortnet_backward", &sortnet_backward_cpu);
+  m.impl("sortnet_loss_forward", &sortnet_loss_forward_cpu);
+  m.impl("sortnet_loss_backward", &sortnet_loss_backward_cpu);
+}
+
+}  // namespace prefrank
