@@ -118,7 +118,8 @@ def _train(settings, method, out, train_records, eval_records, **overrides):
     return trainer, summary
 
 
-def run_demo(settings):
+def run_demo(settings, methods=None):
+    methods = DEMO_METHODS if methods is None else methods
     torch.set_num_threads(settings.threads)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,7 @@ def run_demo(settings):
     # -- selfpref (issue 7): one held-out yardstick for every row (β·log-ratio vs the base, labelled answers)
     base_logps = response_logps(base, eval_records)
     rows[0].update(heldout_margin=None, heldout_reward_accuracy=None)
-    for demo_method in DEMO_METHODS:
+    for demo_method in methods:
         print(f"[demo] {demo_method.label}: {settings.pref_steps} steps from the SFT base", flush=True)
         method_started = time.perf_counter()
         records = demo_method.build_records(base, train_records, settings)
@@ -272,10 +273,21 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     args = parser.parse_args(argv)
     settings = DemoSettings(out=args.out)
+    methods = DEMO_METHODS
     if args.quick:
         settings = replace(settings, num_train=32, num_eval=16, batch_size=8, sft_steps=3, pref_steps=2)
+        methods = [_with_sampled_negatives(m) for m in DEMO_METHODS]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run_demo(settings)
+    return run_demo(settings, methods)
+
+
+def _with_sampled_negatives(demo_method):
+    """A 3-step SFT base answers the same on clean and noisy images, so the quick smoke run's SMPRO row also
+    samples on the corrupted views (otherwise no group would have a negative)."""
+    if demo_method.method != "smpro":
+        return demo_method
+    selfpref = {**demo_method.overrides["selfpref"], "negative_samples": 2}
+    return replace(demo_method, overrides={**demo_method.overrides, "selfpref": selfpref})
 
 
 if __name__ == "__main__":
