@@ -243,7 +243,7 @@ procedurally generated 32×32 images (shapes, colours, counts, positions) with t
 exact match of the greedy answer on the held-out prompts; its binomial standard error at this size is
 about {100 * standard_error:.1f} points. Each row is ONE training run: runs are bit-reproducible on one
 machine, but a different float summation order (another log-prob kernel, thread count or CPU) changes the
-trajectory, and in our runs that alone moved the DPO row by several points (see docs/trainer.md).
+trajectory, and in our runs that alone moved the DPO row by several points (see README.md, "Reference trainer").
 
 - **base**: SFT warm-up, {settings.sft_steps} steps × {settings.batch_size} prompts, lr {settings.sft_lr}.
 - **DPO (one pair / prompt)**: from the base, {settings.pref_steps} steps × {settings.batch_size} prompts,
