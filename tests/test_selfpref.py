@@ -9,6 +9,7 @@ import torch
 from prefrank import negatives as neg
 from prefrank.train import corruptions as cor
 from prefrank.train import preference_groups as pg
+from prefrank.train.methods import METHODS
 
 # ------------------------------------------------------------------------------------------------------------
 # SMPRO groups
@@ -324,7 +325,7 @@ def test_online_smpro_round_end_to_end(tmp_path, monkeypatch):
     config = _tiny(tmp_path, "smpro", self_generate="online", regenerate_every=1,
                    selfpref={"num_samples": 1, "corruption": "diffusion"})
     trainer = Trainer(config)
-    assert isinstance(trainer.method, selfpref.SelfSMPRO)
+    assert type(trainer.method) is METHODS["smpro"]
     before = {k: v.clone() for k, v in trainer.vlm.model.state_dict().items()}
     summary = trainer.train()
     cache = tmp_path / "smpro" / "selfpref"
@@ -354,12 +355,11 @@ def test_online_smpro_round_end_to_end(tmp_path, monkeypatch):
 
 
 def test_misp_dpo_selection_in_trainer(tmp_path):
-    from prefrank.train import selfpref
     from prefrank.train.loop import Trainer
 
     trainer = Trainer(_tiny(tmp_path, "misp_dpo", steps=1, num_negatives=3, self_generate="offline",
                             selfpref={"pool_size": 6, "sae_steps": 20, "proj_dim": 8}))
-    assert isinstance(trainer.method, selfpref.SelfMISPDPO)
+    assert type(trainer.method) is METHODS["misp_dpo"]
     summary = json.loads((tmp_path / "misp_dpo" / "selfpref" / "misp_negatives.json").read_text())
     for record, row in zip(trainer.train_data.records, summary["rows"]):
         assert len(record.negative_images) == 3 and len(set(row["negatives"])) == 3

@@ -139,7 +139,6 @@ class Trainer:
         # -- selfpref hook (issue 7): policy-generated SMPRO groups / MISP-DPO negatives --
         self.self_generator = selfpref.SelfGenerator.from_config(config, self.vlm, self.state)
         if self.self_generator is not None:
-            self.method = self.self_generator.method(self.method)
             records = self.self_generator.prepare(records)
         self.train_data = EncodedRecords.build(self.vlm, records, with_negatives=self.method.needs_negatives)
         if eval_records is None:

@@ -36,12 +36,9 @@ from pathlib import Path
 
 import torch
 
-from prefrank import losses as preference_losses
 from prefrank import negatives as neg
-from prefrank.train import methods as trainer_methods
 from prefrank.train.corruptions import FAMILIES, corruption_ladder
 from prefrank.train.data import PreferenceRecord, synthetic_dataset
-from prefrank.train.methods import gather_logps
 from prefrank.train.model import left_pad
 from prefrank.train.preference_groups import (
     GroupRecord,
@@ -104,32 +101,6 @@ class SelfPrefOptions:
         if not options.temperature > 0:
             raise ValueError(f"selfpref.temperature must be > 0, got {options.temperature}")
         return options
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Methods: the trainer's SMPRO / MISP-DPO layouts, with the prefrank.losses objectives
-# ------------------------------------------------------------------------------------------------------------
-
-class SelfSMPRO(trainer_methods.SMPRO):
-    """SMPRO on self-generated groups: ``prefrank.losses.smpro_loss`` (relaxed sorting-network block loss +
-    anchor) on the clean-image rewards of every candidate."""
-
-    def loss(self, policy, reference, batch, config):
-        pol, ref = gather_logps(policy, batch.positions), gather_logps(reference, batch.positions)
-        return preference_losses.smpro_loss(pol, ref, batch.extras["groups"], **self.loss_kwargs(config))
-
-
-class SelfMISPDPO(trainer_methods.MISPDPO):
-    """MISP-DPO on selected negatives: ``prefrank.losses.misp_dpo_loss`` (image side with the log(K·q)
-    correction + text-side DPO)."""
-
-    def loss(self, policy, reference, batch, config):
-        pol, ref = gather_logps(policy, batch.positions), gather_logps(reference, batch.positions)
-        mask = batch.positions[:, 2:] >= 0
-        return preference_losses.misp_dpo_loss(pol[:, 0], ref[:, 0], pol[:, 2:], ref[:, 2:],
-                                               log_q=batch.extras.get("log_q"), mask=mask,
-                                               text=(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1]),
-                                               **self.loss_kwargs(config))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -378,10 +349,6 @@ class SelfGenerator:
         if config.self_generate not in MODES:
             raise ValueError(f"self_generate must be one of {MODES}, got {config.self_generate!r}")
         return None if config.self_generate == "off" else cls(config, vlm, state)
-
-    def method(self, method):
-        """The trainer's method object with the prefrank.losses objective for self-generated data."""
-        return SelfSMPRO() if method.name == "smpro" else SelfMISPDPO()
 
     def prepare(self, records):
         self.base_records = records
