@@ -2,13 +2,16 @@
 
 1. SFT warm-up of the tiny LLaVA on the synthetic visual-QA task, stopped early so the base model is right
    sometimes but not always (the base row).
-2. Each preference method in `DEMO_METHODS` starts from that base with the same step budget; the baseline is
-   DPO on ONE pair per prompt (the gold answer vs the base model's most likely wrong answer).
-3. Held-out exact-match accuracy (greedy generation), reward margins and wall time per method are printed
-   and written to `runs/demo/report.md` with plots.
+2. ONE generation round of that base on every training prompt, shared by every preference row (so every row
+   has the same budget of generated answers; `prefrank/train/selfpref_demo.py`): greedy + sampled answers on
+   the clean image ≻ greedy answers on SeVa diffusion noise t = 500 ≻ 800 ≻ 950. No row trains on labels.
+3. Each preference method in `DEMO_METHODS` (DPO on SeVa's pair, listwise PL, SMPRO, MISP-DPO) starts from the
+   base with the same steps × prompts, lr and β.
+4. Held-out exact-match accuracy (greedy generation), reward margins, generated answers per prompt, prompts
+   trained on and wall time per method are printed and written to `runs/demo/report.md` with plots.
 
-Adding a row (issue 7: listwise PL, SMPRO, MISP-DPO) = appending a `DemoMethod` whose `build_records` turns
-the base model + training records into that method's preference records.
+A new row = a `DemoMethod` whose `build_records(base trainer, train records, settings)` turns the shared round
+(`selfpref_demo.shared_round`) into that method's preference records.
 """
 
 import argparse
@@ -23,7 +26,7 @@ import torch
 
 from prefrank.train import selfpref_demo
 from prefrank.train.config import TrainConfig
-from prefrank.train.data import TASKS, PreferenceRecord, export_jsonl, synthetic_dataset
+from prefrank.train.data import TASKS, export_jsonl, synthetic_dataset
 from prefrank.train.loop import Trainer
 from prefrank.train.methods import METHODS, EncodedRecords, gather_logps
 from prefrank.train.model import SequenceScorer
@@ -42,6 +45,7 @@ class DemoSettings:
     beta: float = 0.1
     threads: int = 1  # intra-op threads: on a small shared CPU one thread is by far the fastest
     tiny_model: dict = field(default_factory=dict)
+    round_options: dict = field(default_factory=lambda: dict(selfpref_demo.ROUND_OPTIONS))  # the shared round
 
 
 @dataclass
@@ -68,22 +72,7 @@ def response_logps(trainer, records):
     return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=float("-inf")) for r in rows])
 
 
-def one_pair_per_prompt(base, records, settings):
-    """DPO baseline data: (gold answer, the base model's most likely wrong answer) for every prompt."""
-    logps = response_logps(base, records)
-    pairs = []
-    for record, scores in zip(records, logps, strict=True):
-        wrong = [j for j, g in enumerate(record.groups) if g > 0]
-        rejected = max(wrong, key=lambda j: scores[j].item())
-        pairs.append(PreferenceRecord(image=record.image, question=record.question,
-                                      responses=[record.target, record.responses[rejected]], groups=[0, 1],
-                                      answer=record.answer))
-    return pairs
-
-
-DEMO_METHODS = [DemoMethod("DPO (one pair / prompt)", "dpo", one_pair_per_prompt)]
-# -- selfpref rows (issue 7): listwise PL, SMPRO, MISP-DPO; see prefrank/train/selfpref_demo.py --
-DEMO_METHODS += selfpref_demo.selfpref_rows(DemoMethod)
+DEMO_METHODS = selfpref_demo.demo_rows(DemoMethod)
 
 
 def _first(metrics, *keys):
@@ -133,10 +122,15 @@ def run_demo(settings, methods=None):
                                 steps=settings.sft_steps, lr=settings.sft_lr, warmup_steps=10)
     rows = [{"label": "base (SFT warm-up)", "method": "sft", "accuracy": base_summary["eval_accuracy"],
              "per_task": base_summary["per_task"], "margin": None, "reward_accuracy": None,
-             "seconds": base_summary["wall_seconds"], "run": "sft"}]
-    # -- selfpref (issue 7): one held-out yardstick for every row (β·log-ratio vs the base, labelled answers)
+             "heldout_margin": None, "heldout_reward_accuracy": None, "generated_per_prompt": None,
+             "train_prompts": len(train_records), "seconds": base_summary["wall_seconds"], "run": "sft"}]
+    # one held-out yardstick for every row: β·log-ratio vs the base of the labelled answers (evaluation only)
     base_logps = response_logps(base, eval_records)
-    rows[0].update(heldout_margin=None, heldout_reward_accuracy=None)
+    print(f"[demo] shared generation round of the base on {len(train_records)} prompts", flush=True)
+    round_ = selfpref_demo.shared_round(base, train_records, settings)
+    print(f"[demo] {len(round_.records)}/{len(train_records)} prompts have a negative group; "
+          f"{round_.generated_answers / len(train_records):.2f} answers generated per prompt "
+          f"({round_.seconds:.0f} s)", flush=True)
     for demo_method in methods:
         print(f"[demo] {demo_method.label}: {settings.pref_steps} steps from the SFT base", flush=True)
         method_started = time.perf_counter()
@@ -150,6 +144,7 @@ def run_demo(settings, methods=None):
         seconds = time.perf_counter() - method_started
         heldout_margin, heldout_accuracy = selfpref_demo.heldout_reward_margin(
             response_logps, trainer, base_logps, eval_records, settings.beta)
+        generated = selfpref_demo.generated_answers(round_, trainer)
         rows.append({"label": demo_method.label, "method": demo_method.method,
                      "accuracy": summary["eval_accuracy"], "per_task": summary["per_task"],
                      "margin": _first(final, "rewards/margins", "rewards/margin"),
@@ -157,15 +152,15 @@ def run_demo(settings, methods=None):
                      "chosen_reward": final.get("rewards/chosen"),
                      "rejected_reward": final.get("rewards/rejected"),
                      "heldout_margin": heldout_margin, "heldout_reward_accuracy": heldout_accuracy,
-                     "seconds": seconds, "run": demo_method.method})
+                     "generated_per_prompt": generated / len(train_records),
+                     "train_prompts": len(trainer.train_data), "seconds": seconds, "run": demo_method.method})
     total = time.perf_counter() - started
     table = format_table(rows)
     print("\n" + table + f"\n\ntotal wall time {total:.0f} s ({settings.threads} thread(s))", flush=True)
     plot_demo(rows, out)
     write_report(rows, table, observations(rows), total, settings, out)
-    # -- selfpref (issue 7): what the listwise / SMPRO / MISP-DPO rows trained on, measured from their runs --
     with open(out / "report.md", "a") as report:
-        report.write("\n" + selfpref_demo.report_section(out, train_records) + "\n")
+        report.write("\n" + selfpref_demo.report_section(out, round_) + "\n")
     return rows
 
 
@@ -188,7 +183,8 @@ def observations(rows):
 def format_table(rows):
     tasks = list(TASKS)
     header = ["method", "held-out exact match", *tasks, "reward margin", "reward acc.",
-              "held-out margin", "held-out reward acc.", "wall time (s)"]
+              "held-out margin", "held-out reward acc.", "generated answers / prompt", "prompts trained on",
+              "wall time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["label"], f"{row['accuracy']:.3f}",
@@ -197,7 +193,8 @@ def format_table(rows):
                  "–" if row["reward_accuracy"] is None else f"{row['reward_accuracy']:.2f}",
                  "–" if row["heldout_margin"] is None else f"{row['heldout_margin']:.3f}",
                  "–" if row["heldout_reward_accuracy"] is None else f"{row['heldout_reward_accuracy']:.2f}",
-                 f"{row['seconds']:.0f}"]
+                 "–" if row["generated_per_prompt"] is None else f"{row['generated_per_prompt']:.2f}",
+                 str(row["train_prompts"]), f"{row['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -245,10 +242,17 @@ about {100 * standard_error:.1f} points. Each row is ONE training run: runs are 
 machine, but a different float summation order (another log-prob kernel, thread count or CPU) changes the
 trajectory, and in our runs that alone moved the DPO row by several points (see README.md, "Reference trainer").
 
-- **base**: SFT warm-up, {settings.sft_steps} steps × {settings.batch_size} prompts, lr {settings.sft_lr}.
-- **DPO (one pair / prompt)**: from the base, {settings.pref_steps} steps × {settings.batch_size} prompts,
-  lr {settings.pref_lr}, β = {settings.beta}; the pair is (gold answer, the base model's most likely wrong
-  answer). Reward margin / accuracy: mean over the last 10% of the training steps.
+- **base**: SFT warm-up on the labelled answers, {settings.sft_steps} steps × {settings.batch_size} prompts,
+  lr {settings.sft_lr}.
+- **every preference row**: from the base, {settings.pref_steps} steps × {settings.batch_size} prompts,
+  lr {settings.pref_lr}, β = {settings.beta}, on label-free data from ONE generation round of the base shared
+  by all rows (see the section below): "generated answers / prompt" counts the answers the base generated for
+  that row's data (the shared round, plus MISP-DPO's gallery checks), over the {settings.num_train} training
+  prompts; "prompts trained on" = the prompts whose round has a contrast (a negative group). Reward margin /
+  accuracy: each loss's own metric, mean over the last 10% of the training steps. Held-out margin / reward
+  acc.: implicit reward β·(log π − log π_base) of every labelled answer of the held-out prompts on the clean
+  image; margin = r(gold) − mean r(wrong), reward acc. = fraction of prompts with r(gold) above every r(wrong):
+  one yardstick for every row. A row's wall time includes building its data but not the shared round.
 
 {table}
 
@@ -262,7 +266,8 @@ Observations (generated from the numbers above):
 Runs: {out}/
 {runs}
 - `data/`: the held-out set and each method's preference data as JSONL + PNG (re-runnable with
-  `python -m prefrank.train --data …`).
+  `python -m prefrank.train --data …`); `data/shared_round.jsonl`: the shared round with every raw
+  generation in `meta` (usable as `selfpref.cache`).
 """
     (out / "report.md").write_text(text)
 
@@ -273,21 +278,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     args = parser.parse_args(argv)
     settings = DemoSettings(out=args.out)
-    methods = DEMO_METHODS
     if args.quick:
-        settings = replace(settings, num_train=32, num_eval=16, batch_size=8, sft_steps=3, pref_steps=2)
-        methods = [_with_sampled_negatives(m) for m in DEMO_METHODS]
+        settings = replace(settings, num_train=32, num_eval=16, batch_size=8, sft_steps=3, pref_steps=2,
+                           round_options=dict(selfpref_demo.QUICK_ROUND_OPTIONS))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run_demo(settings, methods)
-
-
-def _with_sampled_negatives(demo_method):
-    """A 3-step SFT base answers the same on clean and noisy images, so the quick smoke run's SMPRO row also
-    samples on the corrupted views (otherwise no group would have a negative)."""
-    if demo_method.method != "smpro":
-        return demo_method
-    selfpref = {**demo_method.overrides["selfpref"], "negative_samples": 2}
-    return replace(demo_method, overrides={**demo_method.overrides, "selfpref": selfpref})
+    return run_demo(settings)
 
 
 if __name__ == "__main__":

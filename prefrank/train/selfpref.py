@@ -311,7 +311,7 @@ def misp_select(vlm, records, options, *, num_negatives, max_new_tokens, device)
                         "allowed": int(allowed[i].sum()), "text_negative": rejected,
                         "text_negative_from_policy": from_policy})
     return out, {"sae_loss_first": fit.losses[0], "sae_loss_last": fit.losses[-1], "candidates": m,
-                 "rows": summary}
+                 "generated_answers": len(answers), "rows": summary}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -329,6 +329,7 @@ class SelfGenerator:
         self.records = None
         self.round = None
         self.round_stats = []
+        self.generated_answers = 0  # answers the policy generated for this run's data (the generation budget)
         self.cache_dir = Path(config.out) / "selfpref"
         if config.method not in ("smpro", "misp_dpo"):
             raise ValueError(f"self_generate={self.mode!r} needs method smpro or misp_dpo, got {config.method!r}")
@@ -356,6 +357,7 @@ class SelfGenerator:
             out, summary = misp_select(self.vlm, records, self.options, num_negatives=self.config.num_negatives,
                                        max_new_tokens=self.config.max_new_tokens, device=self.state.device)
             self._write_json("misp_negatives.json", summary)
+            self.generated_answers += summary["generated_answers"]
             return out
         return self._smpro_round(0)
 
@@ -379,6 +381,7 @@ class SelfGenerator:
             groups = smpro_round(self.vlm, self.base_records, self.options,
                                  seed=self.options.seed * 1_000_003 + round_index,
                                  max_new_tokens=self.config.max_new_tokens, device=self.state.device)
+            self.generated_answers += sum(len(a) for g in groups for a in g.meta["generated"].values())
             if self.state.is_main:
                 save_records_jsonl(path, groups)
         self.round = round_index
