@@ -96,6 +96,16 @@ def per_task_accuracy(trainer):
     return {task: hits[task] / totals[task] for task in totals}
 
 
+def malformed_answers(trainer):
+    """(fraction of held-out greedy answers that are none of the task's answers, fraction that START with the
+    gold answer): a right word followed by more tokens means the end-of-answer token lost probability."""
+    vocabulary = {answer.lower() for _, answers in TASKS.values() for answer in answers}
+    answers = {i: a.strip().strip(".").lower() for i, a in trainer.eval_answers.items()}
+    records = trainer.eval_data.records
+    return (sum(a not in vocabulary for a in answers.values()) / len(answers),
+            sum(a.startswith(records[i].target.lower()) for i, a in answers.items()) / len(answers))
+
+
 def _train(settings, method, out, train_records, eval_records, **overrides):
     config = TrainConfig(method=method, out=str(out), batch_size=settings.batch_size, progress=True,
                          tiny_model=settings.tiny_model, log_every=5, **overrides)
@@ -104,6 +114,7 @@ def _train(settings, method, out, train_records, eval_records, **overrides):
     summary = trainer.train()
     summary["wall_seconds"] = time.perf_counter() - started
     summary["per_task"] = per_task_accuracy(trainer)
+    summary["malformed"], summary["gold_prefix"] = malformed_answers(trainer)
     return trainer, summary
 
 
@@ -121,7 +132,8 @@ def run_demo(settings, methods=None):
     base, base_summary = _train(settings, "sft", out / "sft", train_records, eval_records,
                                 steps=settings.sft_steps, lr=settings.sft_lr, warmup_steps=10)
     rows = [{"label": "base (SFT warm-up)", "method": "sft", "accuracy": base_summary["eval_accuracy"],
-             "per_task": base_summary["per_task"], "margin": None, "reward_accuracy": None,
+             "per_task": base_summary["per_task"], "malformed": base_summary["malformed"],
+             "gold_prefix": base_summary["gold_prefix"], "margin": None, "reward_accuracy": None,
              "heldout_margin": None, "heldout_reward_accuracy": None, "generated_per_prompt": None,
              "train_prompts": len(train_records), "seconds": base_summary["wall_seconds"], "run": "sft"}]
     # one held-out yardstick for every row: β·log-ratio vs the base of the labelled answers (evaluation only)
@@ -147,6 +159,7 @@ def run_demo(settings, methods=None):
         generated = selfpref_demo.generated_answers(round_, trainer)
         rows.append({"label": demo_method.label, "method": demo_method.method,
                      "accuracy": summary["eval_accuracy"], "per_task": summary["per_task"],
+                     "malformed": summary["malformed"], "gold_prefix": summary["gold_prefix"],
                      "margin": _first(final, "rewards/margins", "rewards/margin"),
                      "reward_accuracy": _first(final, "rewards/accuracies", "rewards/ranking_accuracy"),
                      "chosen_reward": final.get("rewards/chosen"),
@@ -171,6 +184,10 @@ def observations(rows):
     for row in rows[1:]:
         change = 100 * (row["accuracy"] - base)
         line = f"- {row['label']}: held-out accuracy {change:+.1f} points vs the base"
+        if row["malformed"] > rows[0]["malformed"]:
+            line += (f"; {100 * row['malformed']:.1f}% of its held-out answers are none of the task's answers "
+                     f"(base {100 * rows[0]['malformed']:.1f}%), and {100 * row['gold_prefix']:.1f}% start with "
+                     f"the gold answer (base {100 * rows[0]['gold_prefix']:.1f}%)")
         if row.get("chosen_reward") is not None and row["chosen_reward"] < 0:
             line += (f"; the chosen answers' implicit reward ended NEGATIVE ({row['chosen_reward']:.3f}, "
                      f"rejected {row['rejected_reward']:.3f}): the margin grew by pushing both likelihoods "
@@ -182,13 +199,13 @@ def observations(rows):
 
 def format_table(rows):
     tasks = list(TASKS)
-    header = ["method", "held-out exact match", *tasks, "reward margin", "reward acc.",
+    header = ["method", "held-out exact match", *tasks, "malformed answers", "reward margin", "reward acc.",
               "held-out margin", "held-out reward acc.", "generated answers / prompt", "prompts trained on",
               "wall time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["label"], f"{row['accuracy']:.3f}",
-                 *(f"{row['per_task'].get(t, float('nan')):.2f}" for t in tasks),
+                 *(f"{row['per_task'].get(t, float('nan')):.2f}" for t in tasks), f"{row['malformed']:.2f}",
                  "–" if row["margin"] is None else f"{row['margin']:.3f}",
                  "–" if row["reward_accuracy"] is None else f"{row['reward_accuracy']:.2f}",
                  "–" if row["heldout_margin"] is None else f"{row['heldout_margin']:.3f}",
@@ -252,7 +269,9 @@ trajectory, and in our runs that alone moved the DPO row by several points (see 
   accuracy: each loss's own metric, mean over the last 10% of the training steps. Held-out margin / reward
   acc.: implicit reward β·(log π − log π_base) of every labelled answer of the held-out prompts on the clean
   image; margin = r(gold) − mean r(wrong), reward acc. = fraction of prompts with r(gold) above every r(wrong):
-  one yardstick for every row. A row's wall time includes building its data but not the shared round.
+  one yardstick for every row. "malformed answers": fraction of the held-out greedy answers that are none of
+  the task's answers (typically the right word followed by more tokens). A row's wall time includes building
+  its data but not the shared round.
 
 {table}
 

@@ -19,7 +19,8 @@ def test_demo_quick_writes_report_table_and_plots(tmp_path, capsys):
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows)
     report = (tmp_path / "report.md").read_text()
     assert "| base (SFT warm-up) |" in report and "| DPO (one pair / prompt) |" in report
-    assert "generated answers / prompt" in report and "## The shared generation round" in report
+    assert "generated answers / prompt" in report and "malformed answers" in report
+    assert "## The shared generation round" in report
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert "held-out exact match" in capsys.readouterr().out
 
@@ -88,5 +89,7 @@ def test_rows_come_from_one_shared_round_with_the_seva_pair(tmp_path):
     assert rates["greedy, diffusion@950"] == 2 / 4
     assert rates["kept: positive group"] == 3 / 4 and rates["kept: negative groups"] == 0.0
     assert rates["SeVa chosen"] == 2 / 3 and rates["SeVa rejected"] == 0.0
+    by_task = selfpref_demo.contrast_by_task(round_)
+    assert sum(v[0] for v in by_task.values()) == 4 and sum(v[1] for v in by_task.values()) == 3
     section = selfpref_demo.report_section(tmp_path, round_)
     assert "3/4 prompts have a negative group" in section and "6.00 answers generated per prompt" in section

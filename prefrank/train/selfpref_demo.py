@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from prefrank.train.data import PreferenceRecord
+from prefrank.train.data import TASKS, PreferenceRecord
 from prefrank.train.preference_groups import normalize_answer, save_records_jsonl
 from prefrank.train.selfpref import SelfPrefOptions, group_statistics, records_from_groups, smpro_round
 
@@ -158,6 +158,20 @@ def gold_rates(round_):
     return rates
 
 
+def contrast_by_task(round_):
+    """Per question kind of the synthetic task: (prompts, prompts with a negative group, gold rate of the SeVa
+    chosen answers, of the rejected ones) — diagnostics only."""
+    kind = {question: task for task, (questions, _) in TASKS.items() for question in questions}
+    out = {}
+    for task in TASKS:
+        prompts = sum(kind.get(p.question) == task for p in round_.prompts)
+        pairs = [seva_pair(r) for r in round_.records if kind.get(r.question) == task]
+        gold = [[normalize_answer(text) == normalize_answer(p.answer) for text in p.responses] for p in pairs]
+        out[task] = (prompts, len(pairs), sum(g[0] for g in gold) / max(1, len(gold)),
+                     sum(g[1] for g in gold) / max(1, len(gold)))
+    return out
+
+
 def report_section(out, round_):
     """Markdown for `runs/demo/report.md`: the shared round and MISP-DPO's selection, measured."""
     out = Path(out)
@@ -194,6 +208,10 @@ def report_section(out, round_):
              "Gold rates (diagnostics with the labels no row trains on):", "",
              "| answers | gold rate |", "|---|---|"]
     lines += [f"| {key} | {value:.2f} |" for key, value in gold_rates(round_).items()]
+    lines += ["", "| question kind | prompts with a negative group | gold rate, SeVa chosen | "
+              "gold rate, SeVa rejected |", "|---|---|---|---|"]
+    lines += [f"| {task} | {kept}/{prompts} | {chosen:.2f} | {rejected:.2f} |"
+              for task, (prompts, kept, chosen, rejected) in contrast_by_task(round_).items()]
     lines.append("")
     misp_path = out / "misp_dpo" / "selfpref" / "misp_negatives.json"
     if misp_path.exists():
