@@ -240,7 +240,7 @@ def _pool_answers(vlm, pool, questions, pairs, options, *, max_new_tokens, devic
 
 def misp_select(vlm, records, options, *, num_negatives, max_new_tokens, device):
     """Attach ``num_negatives`` selected pool images (+ their log q) and a generated text negative to each
-    record. Returns (new records, selection summary).
+    record. Returns (new records, selection summary; its ``generated_answers`` = the pool answers generated).
 
     Per record: (1) candidates = the pool minus the images on which the policy itself answers the record's
     best response (``exclude_supporting``: such an image is not a negative for that answer); (2) retrieval of the
