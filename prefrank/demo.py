@@ -4,7 +4,7 @@
    sometimes but not always (the base row).
 2. ONE generation round of that base on every training prompt, shared by every preference row (so every row
    has the same budget of generated answers; `prefrank/train/selfpref_demo.py`): greedy + sampled answers on
-   the clean image ≻ greedy answers on SeVa diffusion noise t = 500 ≻ 800 ≻ 950. No row trains on labels.
+   the clean image ≻ greedy + sampled answers on SeVa diffusion noise t = 500 ≻ 800 ≻ 950. No row trains on labels.
 3. Each preference method in `DEMO_METHODS` (DPO on SeVa's pair, listwise PL, SMPRO, MISP-DPO) starts from the
    base with the same steps × prompts, lr and β.
 4. Held-out exact-match accuracy (greedy generation), reward margins, generated answers per prompt, prompts

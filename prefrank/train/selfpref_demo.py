@@ -3,9 +3,11 @@
 Every preference row is label-free (the setting of SeVa, SMPRO and MISP-DPO; papers.md §2.3, §3) and is built
 from the same data: one SMPRO-recipe round generated once per demo run by the SFT base
 (`prefrank.train.selfpref.smpro_round`): greedy + ``num_samples`` sampled answers on the clean image = the
-positive group, greedy answers on SeVa diffusion noise t = 500 ≻ 800 ≻ 950 = the negative groups; answers equal
-to a positive are dropped from the negatives and prompts left without a negative group are dropped
-(`records_from_groups`). The round is saved as ``<out>/data/shared_round.jsonl`` and memoised per base trainer.
+positive group, greedy + ``negative_samples`` sampled answers on SeVa diffusion noise t = 500 ≻ 800 ≻ 950 = the
+negative groups (one sample per noisy view: greedy alone leaves this base's prompts almost without contrast,
+see the README's demo section); answers equal to a positive are dropped from the negatives and prompts left
+without a negative group are dropped (`records_from_groups`). The round is saved as
+``<out>/data/shared_round.jsonl`` and memoised per base trainer.
 
 - DPO (one pair / prompt) = SeVa: greedy clean answer ≻ the answer of the most severe negative level present;
 - listwise PL: the whole ranked list (positive group ≻ t500 ≻ t800 ≻ t950, ties within a level),
@@ -32,7 +34,8 @@ from prefrank.train.data import TASKS, PreferenceRecord
 from prefrank.train.preference_groups import normalize_answer, save_records_jsonl
 from prefrank.train.selfpref import SelfPrefOptions, group_statistics, records_from_groups, smpro_round
 
-ROUND_OPTIONS = {"num_samples": 2, "negative_samples": 0, "temperature": 0.7, "corruption": "diffusion",
+# one sampled answer per noisy view: 622/1024 prompts get a negative group, against 49 with greedy answers only
+ROUND_OPTIONS = {"num_samples": 2, "negative_samples": 1, "temperature": 0.7, "corruption": "diffusion",
                  "generation_batch_size": 128}
 # `--quick`: a 3-step base answers the same on clean and noisy images, so the quick round also samples on the
 # corrupted views (seeded: deterministic) to give prompts a negative group.
