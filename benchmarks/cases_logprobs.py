@@ -3,8 +3,12 @@
 sequence_logprobs at (tokens, V) ∈ {(4096, 32000), (16384, 32000), (2048, 151936)} as 4 sequences of
 tokens/4 with 1/8 of the labels ignored; linear_sequence_logprobs at T=2048, H=1024, V=32000 with the first
 half of the tokens unlabelled (a prompt) vs ``hidden @ W.T + b`` followed by the reference. "forward" is the
-reference-model call (no input requires grad); "forward+backward" computes every gradient.
+reference-model call (no input requires grad); "forward+backward" computes every gradient. The
+"prefrank inplace_backward" rows write the gradient over the logits (each timed call starts from the previous
+call's gradient as logits: same work, small values).
 """
+
+import functools
 
 import torch
 
@@ -78,7 +82,10 @@ def cases(device):
     for dtype in dtypes:
         dname = str(dtype).removeprefix("torch.")
         for tokens, V in SEQUENCE_SHAPES:
-            for impl, fn in (("prefrank", ops.sequence_logprobs), ("reference", reference.sequence_logprobs)):
+            for impl, fn in (("prefrank", ops.sequence_logprobs),
+                             ("prefrank inplace_backward", functools.partial(ops.sequence_logprobs,
+                                                                             inplace_backward=True)),
+                             ("reference", reference.sequence_logprobs)):
                 out.append(Case("sequence_logprobs", f"tokens={tokens},V={V}", dname, impl,
                                 _sequence_make(fn, tokens, V, dtype, device), device))
         T, H, V = LINEAR_SHAPE

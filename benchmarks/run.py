@@ -6,7 +6,10 @@ Times are medians over repeated runs (CPU: wall clock; CUDA: triton.testing.do_b
 Peak memory is the extra memory one forward+backward needs beyond its inputs, measured in a fresh
 subprocess per case: on CPU the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs)
 minus the resident set before the call; on CUDA torch.cuda.max_memory_allocated minus the allocation
-before the call.
+before the call. "Temporaries" is the part of that peak the call does not hand back: the peak minus what is
+still live after it returns (the returned gradients), i.e. the scratch memory of the implementation.
+Impls named "prefrank <variant>" are options of the prefrank op (e.g. inplace_backward) and are compared
+with the same baseline as plain "prefrank".
 """
 
 import argparse
@@ -63,20 +66,24 @@ def _status_kib(field):
 
 
 def peak_extra_bytes(module, index, device):
-    """Runs in a fresh process (see --peak-of): one forward+backward's memory beyond its inputs."""
+    """Runs in a fresh process (see --peak-of): (peak, retained) bytes of one forward+backward beyond its
+    inputs; retained = still live after the call (what it returns), so peak − retained = its temporaries."""
     case = importlib.import_module(f"benchmarks.{module}").cases(device)[index]
     _, forward_backward = case.make()
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        forward_backward()
+        result = forward_backward()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    base = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    forward_backward()
-    return (_status_kib("VmHWM") - base) * 1024
+        peak, retained = torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base
+    else:
+        base = _status_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+        result = forward_backward()
+        peak, retained = (_status_kib("VmHWM") - base) * 1024, (_status_kib("VmRSS") - base) * 1024
+    del result
+    return peak, max(retained, 0)
 
 
 def measure_peak(module, index, device):
@@ -87,7 +94,8 @@ def measure_peak(module, index, device):
                          capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
-    return int(out.stdout.strip().splitlines()[-1])
+    peak, retained = (int(v) for v in out.stdout.strip().splitlines()[-1].split())
+    return peak, retained
 
 
 def device_bandwidth(device):
@@ -116,7 +124,8 @@ def machine_name(device):
 
 def write_outputs(rows, machine):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    fields = ["op", "shape", "dtype", "device", "impl", "fwd_ms", "fwd_bwd_ms", "peak_mib", "roofline_ms"]
+    fields = ["op", "shape", "dtype", "device", "impl", "fwd_ms", "fwd_bwd_ms", "peak_mib", "temporaries_mib",
+              "roofline_ms"]
     with open(RESULTS / f"{machine}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -129,31 +138,37 @@ def _ratio(a, b):
     return f"{a / b:.1f}×" if a and b else "—"
 
 
+def _mib(value):
+    return f"{value:.1f}" if value != "" else "—"
+
+
 def markdown_table(rows, machine):
-    """One line per (op, shape, impl); prefrank lines also give the speed-up and memory ratio vs the
-    reference (or the peer) of the same op and shape."""
+    """One line per (op, shape, impl). A baseline line (reference or peer) gives its speed-up and memory
+    ratios over plain prefrank; a "prefrank <variant>" line gives the baseline's ratios over that variant."""
     lines = [f"Benchmarks on `{machine}` (torch {torch.__version__}; medians; peak = extra memory of one "
-             "forward+backward beyond its inputs).", "",
-             "| op | shape | dtype | impl | fwd ms | fwd+bwd ms | peak MiB | fwd+bwd speed-up | peak ratio |"
-             " roofline ms |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "forward+backward beyond its inputs; temp. = the part of the peak not returned, i.e. peak minus "
+             "the returned gradients).", "",
+             "| op | shape | dtype | impl | fwd ms | fwd+bwd ms | peak MiB | temp. MiB | fwd+bwd speed-up | "
+             "peak ratio | temp. ratio | roofline ms |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_key = {}
     for r in rows:
         by_key.setdefault((r["op"], r["shape"], r["dtype"]), {})[r["impl"]] = r
     for (op, shape, dtype), impls in by_key.items():
         ours = impls.get("prefrank")
+        baseline = next((r for impl, r in impls.items() if not impl.startswith("prefrank")), None)
         for impl, r in impls.items():
-            speed = peak = ""
-            if ours is not None and impl != "prefrank":
-                speed = _ratio(r["fwd_bwd_ms"], ours["fwd_bwd_ms"])
-                peak = _ratio(r["peak_mib"], ours["peak_mib"]) if r["peak_mib"] != "" else ""
-            mem = f"{r['peak_mib']:.1f}" if r["peak_mib"] != "" else "—"
+            slow, fast = (r, ours) if not impl.startswith("prefrank") else (baseline, r)
+            ratios = ["", "", ""]
+            if impl != "prefrank" and slow is not None and fast is not None:
+                ratios = [_ratio(slow[key], fast[key]) if slow[key] != "" else ""
+                          for key in ("fwd_bwd_ms", "peak_mib", "temporaries_mib")]
             roof = f"{r['roofline_ms']:.3f}" if r["roofline_ms"] != "" else ""
             lines.append(f"| {op} | {shape} | {dtype} | {impl} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                         f"{mem} | {speed} | {peak} | {roof} |")
-    return "\n".join(lines) + ("\n\n(speed-up and peak ratio: that row's impl over prefrank; > 1 means prefrank "
-                              "is faster / leaner; roofline: fwd+bwd bytes the op must move over the device "
-                              "bandwidth, CUDA only)\n")
+                         f"{_mib(r['peak_mib'])} | {_mib(r['temporaries_mib'])} | {' | '.join(ratios)} | {roof} |")
+    return "\n".join(lines) + ("\n\n(ratios: baseline over prefrank, or over the prefrank variant on that line; "
+                              "> 1 means prefrank is faster / leaner; roofline: fwd+bwd bytes the op must move "
+                              "over the device bandwidth, CUDA only)\n")
 
 
 def plot(rows, path, machine):
@@ -189,16 +204,18 @@ def main():
     parser.add_argument("--peak-of", nargs=2, metavar=("MODULE", "INDEX"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_of:
-        print(peak_extra_bytes(args.peak_of[0], int(args.peak_of[1]), args.device))
+        print(*peak_extra_bytes(args.peak_of[0], int(args.peak_of[1]), args.device))
         return
     rows = []
     for module, index, case in all_cases(args.device):
         if args.only not in case.name:
             continue
         forward, forward_backward = case.make()
+        peak, retained = ("", "") if args.no_memory else measure_peak(module, index, args.device)
         row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "device": case.device, "impl": case.impl,
                "fwd_ms": median_ms(forward, args.device), "fwd_bwd_ms": median_ms(forward_backward, args.device),
-               "peak_mib": "" if args.no_memory else measure_peak(module, index, args.device) / 2**20,
+               "peak_mib": "" if peak == "" else peak / 2**20,
+               "temporaries_mib": "" if peak == "" else max(peak - retained, 0) / 2**20,
                "roofline_ms": roofline_ms(module, case, args.device)}
         del forward, forward_backward
         print(json.dumps(row), flush=True)

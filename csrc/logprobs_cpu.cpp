@@ -21,6 +21,8 @@
 #include <cstring>
 #include <limits>
 
+#include "output_alloc.h"
+
 namespace prefrank {
 namespace {
 
@@ -100,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_fwd_cpu(const at::Tensor& l
                                                              int64_t ignore_index, double temperature) {
   const Layout L = check_layout(logits, labels);
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor logp = at::empty(labels.sizes(), logits.options().dtype(acc_dtype));
-  at::Tensor lse = at::empty(labels.sizes(), logits.options().dtype(acc_dtype));
+  at::Tensor logp = new_output(labels.sizes(), logits.options().dtype(acc_dtype));
+  at::Tensor lse = new_output(labels.sizes(), logits.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sequence_logprobs_fwd", [&] {
     using E = Elem<scalar_t>;
     using acc_t = typename E::acc;
@@ -172,7 +174,7 @@ void backward_into(const at::Tensor& grad_logp, const at::Tensor& logits, const 
 at::Tensor sequence_logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits,
                                      const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
                                      double temperature) {
-  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  at::Tensor out = new_output(logits.sizes(), logits.options());
   backward_into(grad_logp, logits, labels, lse, ignore_index, temperature, out);
   return out;
 }

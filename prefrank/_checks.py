@@ -1,8 +1,19 @@
-"""Input validation shared by every op: errors name the offending argument."""
+"""Input validation shared by every op (errors name the offending argument), and output allocation."""
+
+import os
 
 import torch
 
 REDUCTIONS = ("none", "mean", "sum")
+
+
+def new_output(shape, *, dtype, device):
+    """An uninitialised output buffer; NaN-filled when PREFRANK_POISON_OUTPUTS is set (the test suite sets it),
+    so an element the code forgets to write fails the tests instead of passing on leftover memory (the
+    Python twin of csrc/output_alloc.h)."""
+    if os.environ.get("PREFRANK_POISON_OUTPUTS"):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def compiling():

@@ -21,7 +21,7 @@ import torch
 from prefrank import _checks, _extension, backend, reference
 
 # live logits of one linear_sequence_logprobs chunk, by device (the default chunk_size derives from it)
-CHUNK_BUDGET_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
+CHUNK_BUDGET_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
 
 
 def _acc_dtype(dtype):
@@ -40,8 +40,8 @@ def _triton():
 
 def _fwd_triton(logits, labels, ignore_index, temperature):
     acc = _acc_dtype(logits.dtype)
-    logp = torch.empty(labels.shape, dtype=acc, device=logits.device)
-    lse = torch.empty(labels.shape, dtype=acc, device=logits.device)
+    logp = _checks.new_output(labels.shape, dtype=acc, device=logits.device)
+    lse = _checks.new_output(labels.shape, dtype=acc, device=logits.device)
     _triton().forward(logits, labels.contiguous(), ignore_index, temperature, logp, lse)
     return logp, lse
 
@@ -53,7 +53,7 @@ def _bwd_triton_into(grad_logp, logits, labels, lse, ignore_index, temperature, 
 
 
 def _bwd_triton(grad_logp, logits, labels, lse, ignore_index, temperature):
-    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    out = _checks.new_output(logits.shape, dtype=logits.dtype, device=logits.device)
     _bwd_triton_into(grad_logp, logits, labels, lse, ignore_index, temperature, out)
     return out
 
@@ -98,8 +98,38 @@ class _TritonTokenLogprobs(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _token_logprobs(logits, labels, ignore_index, temperature):
+class _InplaceBackwardTokenLogprobs(torch.autograd.Function):
+    """``inplace_backward=True``: the backward writes the gradient over the saved logits and returns them.
+
+    Saves the T×V gradient buffer the default path allocates (the peers' in-place cross-entropy trick). The
+    write bumps the logits' version counter, so anything that still needs the old values (a second backward
+    through this graph, an op that saved the same tensor) raises autograd's "modified by an inplace
+    operation" error instead of reading the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, temperature):
+        logp, lse = _token_fwd(logits, labels, ignore_index, temperature)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits, labels, lse)
+        ctx.ignore_index, ctx.temperature = ignore_index, temperature
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits, labels, lse = ctx.saved_tensors
+        _token_bwd_inplace(grad_logp.to(lse.dtype).contiguous(), logits, labels, lse, ctx.ignore_index,
+                           ctx.temperature)
+        torch.autograd.graph.increment_version(logits)
+        return logits, None, None, None
+
+
+def _token_logprobs(logits, labels, ignore_index, temperature, inplace_backward=False):
     """Differentiable per-token logps (rows, T) of the canonical layout."""
+    if inplace_backward and logits.requires_grad:
+        if not _use_triton(logits.device):
+            _extension.require()
+        return _InplaceBackwardTokenLogprobs.apply(logits, labels, ignore_index, temperature)
     if backend.get_backend() == "triton" and logits.device.type != "cuda":
         return _TritonTokenLogprobs.apply(logits, labels, ignore_index, temperature)
     _extension.require()
@@ -201,7 +231,7 @@ def _as_rows(logits):
 
 
 def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ignore_index=-100,
-                      temperature=1.0, reduction="sum"):
+                      temperature=1.0, reduction="sum", inplace_backward=False):
     """Σ_t log softmax(logits/temperature)[t, labels[t]] per sequence (or segment), never materialising it.
 
     Args:
@@ -218,6 +248,14 @@ def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ig
         reduction: ``"sum"`` (per-sequence/segment sum), ``"mean"`` (divided by the number of counted
             tokens; 0 when there are none) or ``"none"`` (per-token logps shaped like labels, 0 at skipped
             tokens).
+        inplace_backward: opt-in: the backward writes d/dlogits over ``logits`` itself and passes that
+            tensor on as the gradient, so fwd+bwd needs no logits-sized buffer at all (the default backward
+            allocates one, the gradient). Use it when nothing reads the logits after the loss (the usual
+            ``logits = model(...).logits``); their values are the gradient afterwards. A second backward
+            through the same graph, or another op that saved the same logits, then raises autograd's
+            "modified by an inplace operation" error. Logits whose leading dims cannot be merged without a
+            copy get their gradient in that copy instead (same result, no saving). Ignored by backend
+            "reference".
 
     Returns:
         ``(...)`` (or ``(num_segments,)``, or labels' shape for "none"), float32 for fp32/fp16/bf16 logits
@@ -235,6 +273,8 @@ def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ig
                          f"{logits.stride(-1)}; slice other dims freely, or call .contiguous()")
     _check_common("logits", logits, labels, V, segment_ids, num_segments, ignore_index, temperature,
                   reduction)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if backend.get_backend() == "reference":
         return reference.sequence_logprobs(logits, labels, segment_ids=segment_ids, num_segments=num_segments,
                                            ignore_index=ignore_index, temperature=temperature,
@@ -242,7 +282,7 @@ def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ig
     rows = _as_rows(logits)
     eff_labels, active = _effective_labels(labels, segment_ids, ignore_index)
     eff_labels = eff_labels.reshape(rows.shape[:2]).contiguous()
-    token_logp = _token_logprobs(rows, eff_labels, ignore_index, float(temperature))
+    token_logp = _token_logprobs(rows, eff_labels, ignore_index, float(temperature), inplace_backward)
     return _reduce(token_logp.reshape(-1), active, labels.shape, segment_ids, num_segments, reduction)
 
 
@@ -266,8 +306,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, bias, labels, ignore_index, temperature, chunk):
         M = h.shape[0]
         acc = _acc_dtype(h.dtype)
-        logp = torch.empty(M, dtype=acc, device=h.device)
-        lse = torch.empty(M, dtype=acc, device=h.device)
+        logp = _checks.new_output((M,), dtype=acc, device=h.device)
+        lse = _checks.new_output((M,), dtype=acc, device=h.device)
         for s in range(0, M, chunk):
             e = min(s + chunk, M)
             logits = _chunk_logits(h[s:e], weight, bias)
@@ -285,11 +325,16 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         h, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = _acc_dtype(h.dtype)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        grad_h = _checks.new_output(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+        # the first chunk writes grad_w / grad_b, later ones accumulate (no zero fill of a weight-sized buffer)
+        grad_w = _checks.new_output(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = _checks.new_output(bias.shape, dtype=acc, device=bias.device) if need_b else None
         grad_logp = grad_logp.to(acc).contiguous()
         M, chunk = h.shape[0], ctx.chunk
+        if M == 0:  # no labelled token: no chunk writes the weight/bias gradients
+            for buffer in (grad_w, grad_b):
+                if buffer is not None:
+                    buffer.zero_()
         for s in range(0, M, chunk):
             e = min(s + chunk, M)
             g = _chunk_logits(h[s:e], weight, bias)  # recomputed logits, turned into the gradient in place
@@ -297,13 +342,17 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                                lse[s:e].unsqueeze(0), ctx.ignore_index, ctx.temperature)
             if need_h:
                 torch.mm(g, weight, out=grad_h[s:e])
-            if need_w:
-                if g.dtype == acc:
-                    grad_w.addmm_(g.t(), h[s:e])
-                else:  # fp16/bf16: this chunk's product in fp32 (bounded by the chunk), summed in fp32
-                    grad_w.addmm_(g.t().to(acc), h[s:e].to(acc))
+            if need_w:  # fp16/bf16: this chunk's product in fp32 (bounded by the chunk), summed in fp32
+                g_t, h_chunk = (g.t(), h[s:e]) if g.dtype == acc else (g.t().to(acc), h[s:e].to(acc))
+                if s == 0:
+                    torch.mm(g_t, h_chunk, out=grad_w)
+                else:
+                    grad_w.addmm_(g_t, h_chunk)
             if need_b:
-                grad_b += g.sum(0, dtype=acc)
+                if s == 0:
+                    torch.sum(g, 0, dtype=acc, out=grad_b)
+                else:
+                    grad_b += g.sum(0, dtype=acc)
             del g  # one chunk live at a time
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
@@ -327,7 +376,7 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, segment_ids=N
         bias: optional ``(V,)`` lm-head bias.
         segment_ids, num_segments, ignore_index, temperature, reduction: as in :func:`sequence_logprobs`.
         chunk_size: labelled tokens per lm-head chunk; default: one chunk of logits within a fixed budget
-            (``CHUNK_BUDGET_BYTES``: 16 MiB on CPU, 256 MiB on CUDA).
+            (``CHUNK_BUDGET_BYTES``: 32 MiB on CPU, 256 MiB on CUDA).
 
     Only tokens with a label (and a segment) enter the matmul: prompt and image tokens cost nothing. The
     forward keeps one log-sum-exp per labelled token; the backward recomputes each chunk of logits.

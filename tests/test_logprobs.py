@@ -49,6 +49,7 @@ def _check_against_reference(impl, logits, labels, scale=1.0, **kwargs):
     (grad_ref,) = torch.autograd.grad(ref, xr, upstream)
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
     _assert_close(grad, grad_ref)
+    assert torch.equal(x.detach(), logits), "the default backward must not touch the user's logits"
     return out, grad
 
 
@@ -225,6 +226,51 @@ def test_inplace_backward_overwrites_every_element(seed, impl):
     _assert_close(buffer, expected)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_option(seed, impl, dtype):
+    """inplace_backward=True: the same result and gradient as the default path, written over the logits'
+    own storage (no logits-sized buffer); a second backward through the graph raises instead of reading it."""
+    logits, labels = _case(3, 9, 301, dtype)
+    upstream = torch.randn(3)
+    x = logits.clone().requires_grad_()
+    expected_out = _run(impl, ops.sequence_logprobs, x, labels, temperature=0.7)
+    (expected,) = torch.autograd.grad(expected_out, x, upstream)
+    y = logits.clone().requires_grad_()
+    out = _run(impl, ops.sequence_logprobs, y, labels, temperature=0.7, inplace_backward=True)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(out, y, upstream, retain_graph=True)
+    assert grad.data_ptr() == y.data_ptr() and grad.dtype == dtype
+    _assert_close(grad, expected)
+    assert torch.equal(y.detach(), grad)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, y, upstream)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_backward_strided_logits(seed, impl):
+    """logits[:, :-1] with inplace_backward: the gradient lands in the sliced region only."""
+    full, labels = _case(2, 8, 123)
+    labels = labels[:, :-1].contiguous()
+    x = full.clone().requires_grad_()
+    ref = reference.sequence_logprobs(x[:, :-1], labels, reduction="mean")
+    upstream = torch.randn(2)
+    (expected,) = torch.autograd.grad(ref, x, upstream)
+    base = full.clone()
+    view = base[:, :-1].requires_grad_()
+    out = _run(impl, ops.sequence_logprobs, view, labels, reduction="mean", inplace_backward=True)
+    (grad,) = torch.autograd.grad(out, view, upstream)
+    _assert_close(grad, expected[:, :-1])
+    _assert_close(base[:, :-1], expected[:, :-1])
+    assert torch.equal(base[:, -1], full[:, -1])  # the unread last position keeps its logits
+
+
+def test_inplace_backward_must_be_bool():
+    logits, labels = _case(1, 2, 5)
+    with pytest.raises(TypeError, match="inplace_backward"):
+        ops.sequence_logprobs(logits, labels, inplace_backward=1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # linear_sequence_logprobs
 # ---------------------------------------------------------------------------------------------------------
@@ -290,6 +336,18 @@ def test_linear_segments_and_unlabelled_tokens_skip_the_matmul(seed, impl):
     _assert_close(gh, ghr)
     _assert_close(gw, gwr)
     assert (gh[0, :4] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_without_labelled_tokens(seed, impl):
+    """No token enters the matmul: zero logps and exactly zero gradients (the buffers start poisoned)."""
+    hidden, weight, bias, labels = _linear_case()
+    labels.fill_(-100)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = _run(impl, ops.linear_sequence_logprobs, params[0], params[1], labels, bias=params[2])
+    assert torch.equal(out, torch.zeros(2))
+    grads = torch.autograd.grad(out, params, torch.randn(2))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
 def test_linear_default_chunk_bounds_live_logits():
