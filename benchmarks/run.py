@@ -135,6 +135,8 @@ def write_outputs(rows, machine):
 
 
 def _ratio(a, b):
+    if a and not b:  # the denominator measured 0 (below the resident-set resolution)
+        return "∞"
     return f"{a / b:.1f}×" if a and b else "—"
 
 
