@@ -31,15 +31,17 @@ def _sequence_inputs(tokens, V, dtype, device):
 def _sequence_make(fn, tokens, V, dtype, device):
     def make():
         logits, labels = _sequence_inputs(tokens, V, dtype, device)
-        policy_logits = logits.detach().requires_grad_()
+        leaf = logits.detach().requires_grad_()
+        # an activation like model(...).logits (inplace_backward refuses leaves); its gradient reaches `leaf`
+        policy_logits = leaf.clone()
 
         def forward():
             return fn(logits, labels)
 
         def forward_backward():
-            policy_logits.grad = None
+            leaf.grad = None
             fn(policy_logits, labels).sum().backward()
-            return policy_logits.grad
+            return leaf.grad
 
         return forward, forward_backward
 

@@ -251,7 +251,8 @@ def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ig
         inplace_backward: opt-in: the backward writes d/dlogits over ``logits`` itself and passes that
             tensor on as the gradient, so fwd+bwd needs no logits-sized buffer at all (the default backward
             allocates one, the gradient). Use it when nothing reads the logits after the loss (the usual
-            ``logits = model(...).logits``); their values are the gradient afterwards. A second backward
+            ``logits = model(...).logits``); their values are the gradient afterwards. (A view of) a leaf
+            tensor that requires grad (a parameter) is refused with ValueError. A second backward
             through the same graph, or another op that saved the same logits, then raises autograd's
             "modified by an inplace operation" error. Logits whose leading dims cannot be merged without a
             copy get their gradient in that copy instead (same result, no saving). Ignored by backend
@@ -275,6 +276,11 @@ def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ig
                   reduction)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if inplace_backward and logits.requires_grad and (
+            logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
+        raise ValueError("inplace_backward=True would write the gradient over logits, which are (a view of) a leaf "
+                         "tensor that requires grad, e.g. a parameter; it is meant for activations such as "
+                         "model(...).logits (torch refuses in-place ops on such leaves for the same reason)")
     if backend.get_backend() == "reference":
         return reference.sequence_logprobs(logits, labels, segment_ids=segment_ids, num_segments=num_segments,
                                            ignore_index=ignore_index, temperature=temperature,

@@ -236,7 +236,7 @@ def test_inplace_backward_option(seed, impl, dtype):
     x = logits.clone().requires_grad_()
     expected_out = _run(impl, ops.sequence_logprobs, x, labels, temperature=0.7)
     (expected,) = torch.autograd.grad(expected_out, x, upstream)
-    y = logits.clone().requires_grad_()
+    y = logits.clone().requires_grad_().clone()  # an activation (non-leaf), like model(...).logits
     out = _run(impl, ops.sequence_logprobs, y, labels, temperature=0.7, inplace_backward=True)
     torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
     (grad,) = torch.autograd.grad(out, y, upstream, retain_graph=True)
@@ -256,8 +256,8 @@ def test_inplace_backward_strided_logits(seed, impl):
     ref = reference.sequence_logprobs(x[:, :-1], labels, reduction="mean")
     upstream = torch.randn(2)
     (expected,) = torch.autograd.grad(ref, x, upstream)
-    base = full.clone()
-    view = base[:, :-1].requires_grad_()
+    base = full.clone().requires_grad_().clone()
+    view = base[:, :-1]
     out = _run(impl, ops.sequence_logprobs, view, labels, reduction="mean", inplace_backward=True)
     (grad,) = torch.autograd.grad(out, view, upstream)
     _assert_close(grad, expected[:, :-1])
@@ -269,6 +269,18 @@ def test_inplace_backward_must_be_bool():
     logits, labels = _case(1, 2, 5)
     with pytest.raises(TypeError, match="inplace_backward"):
         ops.sequence_logprobs(logits, labels, inplace_backward=1)
+
+
+def test_inplace_backward_refuses_leaves_that_require_grad():
+    """A parameter's values must never become its gradient: leaves (and their views) are refused, like torch's
+    own in-place ops; leaves without grad (the reference model's logits) have nothing to overwrite."""
+    logits, labels = _case(1, 4, 9)
+    leaf = logits.clone().requires_grad_()
+    for tensor in (leaf, leaf[:, :-1]):
+        with pytest.raises(ValueError, match="inplace_backward"):
+            ops.sequence_logprobs(tensor, labels[:, :tensor.shape[1]].contiguous(), inplace_backward=True)
+    out = ops.sequence_logprobs(logits, labels, inplace_backward=True)
+    assert out.grad_fn is None and torch.equal(out, ops.sequence_logprobs(logits, labels))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,7 +449,7 @@ def test_cuda_triton_matches_reference(seed, dtype):
     _check_against_reference("triton", logits, labels, temperature=0.7, scale=100)
     segment_ids = torch.randint(-1, 3, labels.shape, device="cuda")
     _check_against_reference("triton", logits, labels, segment_ids=segment_ids, num_segments=3, scale=100)
-    x, xr = logits.detach().clone().requires_grad_(), logits.detach().clone().requires_grad_()
+    x, xr = logits.detach().clone().requires_grad_().clone(), logits.detach().clone().requires_grad_()
     out = ops.sequence_logprobs(x, labels, temperature=0.7, inplace_backward=True)
     (grad,) = torch.autograd.grad(out.sum(), x)
     (grad_ref,) = torch.autograd.grad(reference.sequence_logprobs(xr, labels, temperature=0.7).sum(), xr)
