@@ -3,9 +3,9 @@
 sequence_logprobs at (tokens, V) ∈ {(4096, 32000), (16384, 32000), (2048, 151936)} as 4 sequences of
 tokens/4 with 1/8 of the labels ignored; linear_sequence_logprobs at T=2048, H=1024, V=32000 with the first
 half of the tokens unlabelled (a prompt) vs ``hidden @ W.T + b`` followed by the reference. "forward" is the
-reference-model call (no input requires grad); "forward+backward" computes every gradient. The
-"prefrank inplace_backward" rows write the gradient over the logits (each timed call starts from the previous
-call's gradient as logits: same work, small values).
+reference-model call (no input requires grad); "forward+backward" computes every gradient ("frozen lm-head":
+only hidden's, as in LoRA). The "prefrank inplace_backward" rows write the gradient over the logits (each timed
+call starts from the previous call's gradient as logits: same work, small values).
 """
 
 import functools
@@ -59,10 +59,10 @@ def linear_inputs(dtype, device):
     return hidden, weight, bias, labels.to(device)
 
 
-def _linear_make(fn, dtype, device):
+def _linear_make(fn, dtype, device, frozen_head=False):
     def make():
         hidden, weight, bias, labels = linear_inputs(dtype, device)
-        params = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+        params = [t.detach().requires_grad_(not frozen_head or t is hidden) for t in (hidden, weight, bias)]
 
         def forward():
             return fn(hidden, weight, labels, bias=bias)
@@ -91,10 +91,12 @@ def cases(device):
                 out.append(Case("sequence_logprobs", f"tokens={tokens},V={V}", dname, impl,
                                 _sequence_make(fn, tokens, V, dtype, device), device))
         T, H, V = LINEAR_SHAPE
-        for impl, fn in (("prefrank", ops.linear_sequence_logprobs),
-                         ("reference", reference.linear_sequence_logprobs)):
-            out.append(Case("linear_sequence_logprobs", f"T={T},H={H},V={V},labelled=T/2", dname, impl,
-                            _linear_make(fn, dtype, device), device))
+        for frozen_head in (False, True):
+            shape = f"T={T},H={H},V={V},labelled=T/2" + (",frozen lm-head" if frozen_head else "")
+            for impl, fn in (("prefrank", ops.linear_sequence_logprobs),
+                             ("reference", reference.linear_sequence_logprobs)):
+                out.append(Case("linear_sequence_logprobs", shape, dname, impl,
+                                _linear_make(fn, dtype, device, frozen_head), device))
     return out
 
 
@@ -108,5 +110,7 @@ def min_bytes_moved(case):
         return logits, 3 * logits
     T, H, V = LINEAR_SHAPE
     weight, hidden = V * H * itemsize, T * H * itemsize
+    if "frozen" in case.shape:  # weight read once; hidden read once and its gradient written once
+        return weight + hidden, weight + 2 * hidden
     # weight read forward, read again + its gradient written backward; hidden likewise
     return weight + hidden, 3 * (weight + hidden)

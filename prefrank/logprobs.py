@@ -306,28 +306,45 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     Forward keeps only the per-token lse. Backward recomputes each chunk's logits, turns them into
     G = ∂/∂logits in place, then grad_h = G·W, grad_W += Gᵀ·h and grad_b += Σ G (accumulated in fp32,
     fp64 for fp64 inputs).
+
+    Frozen lm-head (only h requires grad, e.g. LoRA): G = g·U row by row with U = (onehot − softmax)/τ, so
+    grad_h = g·(U·W). The forward forms U·W (M, H) while each chunk is live and the backward only scales its
+    rows: two GEMMs per chunk instead of three (no recompute), for M·H saved values.
     """
 
     @staticmethod
     def forward(ctx, h, weight, bias, labels, ignore_index, temperature, chunk):
         M = h.shape[0]
         acc = _acc_dtype(h.dtype)
+        ctx.frozen_head = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
         logp = _checks.new_output((M,), dtype=acc, device=h.device)
         lse = _checks.new_output((M,), dtype=acc, device=h.device)
+        unit_grad_h = _checks.new_output(h.shape, dtype=h.dtype, device=h.device) if ctx.frozen_head else None
         for s in range(0, M, chunk):
             e = min(s + chunk, M)
             logits = _chunk_logits(h[s:e], weight, bias)
             lp, ls = _token_fwd(logits.unsqueeze(0), labels[s:e].unsqueeze(0), ignore_index, temperature)
             logp[s:e] = lp[0]
             lse[s:e] = ls[0]
+            if ctx.frozen_head:  # U in place over the chunk (unit upstream gradient), then U·W
+                unit = torch.ones((1, e - s), dtype=acc, device=h.device)
+                _token_bwd_inplace(unit, logits.unsqueeze(0), labels[s:e].unsqueeze(0), ls, ignore_index,
+                                   temperature)
+                torch.mm(logits, weight, out=unit_grad_h[s:e])
             del logits  # free this chunk before the next one is allocated: one chunk live at a time
-        if any(ctx.needs_input_grad[:3]):
+        if ctx.frozen_head:
+            ctx.save_for_backward(unit_grad_h)
+        elif any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(h, weight, bias, labels, lse)
         ctx.ignore_index, ctx.temperature, ctx.chunk = ignore_index, temperature, chunk
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
+        if ctx.frozen_head:
+            (unit_grad_h,) = ctx.saved_tensors
+            grad_h = (grad_logp.to(_acc_dtype(unit_grad_h.dtype))[:, None] * unit_grad_h).to(unit_grad_h.dtype)
+            return grad_h, None, None, None, None, None, None
         h, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = _acc_dtype(h.dtype)
