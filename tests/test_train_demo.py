@@ -40,7 +40,8 @@ def test_demo_quick_writes_report_table_and_plots(tmp_path, capsys):
     misp = json.loads((tmp_path / "misp_dpo" / "selfpref" / "misp_negatives.json").read_text())
     assert misp["generated_answers"] > 0
     counts = [row["candidates"] for row in misp["rows"]]              # per-prompt candidate sets, not one cap
-    assert misp["candidates"] == {"mean": pytest.approx(sum(counts) / len(counts)), "min": min(counts), "max": max(counts)}
+    assert misp["candidates"] == {"mean": pytest.approx(sum(counts) / len(counts)), "min": min(counts),
+                                  "max": max(counts)}
     assert (f"candidates per prompt: mean {misp['candidates']['mean']:.1f} (min {min(counts)}, "
             f"max {max(counts)}") in report
     assert by_method["misp_dpo"]["generated_per_prompt"] == 12.0 + misp["generated_answers"] / 32
