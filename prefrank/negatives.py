@@ -18,6 +18,10 @@ The image and text encoders are pluggable (any callables batch → (N, D) tensor
 in the policy's own vision tower and token embeddings; a real CLIP plugs in the same way
 (``JointEmbedder(clip.get_image_features, clip_text_fn)``).
 
+Pools of different sizes (e.g. per-example candidate sets) are padded to one M and passed with a ``mask``
+(..., M) bool, True = valid candidate, to steps 4–6: the maxima, the greedy picks and q run over the valid
+candidates only (invalid ones get score and log q = -inf); ``mask=None`` = every candidate valid.
+
 What the paper leaves open and what we chose (papers.md §3.3/§3.6 flag these as unknown):
 
 - Encoders (CLIP variant unknown): pluggable. Each embedding is L2-normalised before the outer product (CLIP
@@ -27,7 +31,7 @@ What the paper leaves open and what we chose (papers.md §3.3/§3.6 flag these a
   ρ = 0.05 (unknown in the paper), γ = 1 and 128 latents (the paper's). Inputs are divided by one global
   RMS scale fixed at fit time so the sigmoid units start unsaturated whatever the encoder's scale.
 - SAE training data: the difference vectors of every (example, candidate) pair of the current round; scores
-  are normalised by the max over each example's own pool.
+  are normalised by the max over each example's own pool (its valid candidates).
 - Greedy step 1 has an empty diversity term (argmax s_i); ties go to the lowest index; diversity weight
   default 1.0 (unknown in the paper, where it is also called β).
 - q: softmax(s/τ) with τ = 1 by default. Whether the paper applies 1/q to the *greedy* set is unknown: the
@@ -225,33 +229,67 @@ def train_sae(vectors, *, latent_dim=128, rho=0.05, gamma=1.0, steps=200, lr=1e-
 # 4–6. Score, greedy diverse selection, proposal
 # ------------------------------------------------------------------------------------------------------------
 
-def _max_normalised(x):
+def _checked_mask(mask, pool_shape, pool_name, device):
+    """``mask`` (..., M) bool with the pool shape of ``pool_name`` (True = valid candidate), or None."""
+    if mask is None:
+        return None
+    _checks.bool_tensor("mask", mask)
+    if mask.shape != pool_shape:
+        raise ValueError(f"mask must have the pool shape {tuple(pool_shape)} of {pool_name}, "
+                         f"got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but {pool_name} is on {device}")
+    return mask
+
+
+def _require_valid(mask, k, what):
+    """Every pool of ``mask`` must hold at least ``k`` valid candidates (``what`` says why)."""
+    fewest = int(mask.sum(-1).min()) if mask.numel() else k
+    if fewest < k:
+        raise ValueError(f"mask leaves a pool with {fewest} valid candidate(s); {what} needs at least k={k}")
+
+
+def _max_normalised(x, mask=None):
+    if mask is None:
+        top = x.amax(-1, keepdim=True)
+        return torch.where(top > 0, x / torch.where(top > 0, top, 1), torch.zeros_like(x))
+    # invalid entries (possibly garbage, e.g. NaN padding) neither set the max nor get a value
+    x = x.masked_fill(~mask, 0)
     top = x.amax(-1, keepdim=True)
     return torch.where(top > 0, x / torch.where(top > 0, top, 1), torch.zeros_like(x))
 
 
 @torch.no_grad()
-def selection_scores(sae, diffs):
+def selection_scores(sae, diffs, *, mask=None):
     """s_i = ℓ_i / max_j ℓ_j + v_i / max_j v_j over each pool.
 
     ``diffs`` (..., M, D) → (scores (..., M), latents (..., M, L), recon (..., M), l1 (..., M)), where
     ℓ = reconstruction error (novel/hard), v = ‖E(d)‖₁ (semantic deviation); the max runs over the M
     candidates of each pool (a pool whose max is 0 contributes 0 for that term).
+
+    ``mask`` (..., M) bool, True = valid candidate (pools of different sizes padded to one M): the maxima run
+    over the valid candidates only and invalid candidates score -inf (never picked, q = 0); their latents,
+    ℓ and v are returned as computed.
     """
     _checks.float_tensor("diffs", diffs)
     if diffs.dim() < 2 or diffs.shape[-2] < 1:
         raise ValueError(f"diffs must be (..., M, D) with M >= 1, got shape {tuple(diffs.shape)}")
+    mask = _checked_mask(mask, diffs.shape[:-1], "diffs (..., M, D)", diffs.device)
     recon, latents = sae(diffs)
     recon_err = (diffs - recon).pow(2).sum(-1)
     l1 = latents.abs().sum(-1)
-    return _max_normalised(recon_err) + _max_normalised(l1), latents, recon_err, l1
+    scores = _max_normalised(recon_err, mask) + _max_normalised(l1, mask)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores, latents, recon_err, l1
 
 
-def greedy_diverse_select(scores, latents, k=3, *, diversity_weight=1.0):
+def greedy_diverse_select(scores, latents, k=3, *, diversity_weight=1.0, mask=None):
     """Algorithm 1 of MISP-DPO: K greedy picks maximising s_i + w·min_{j∈S}(1 − cos(z_i, z_j)).
 
     ``scores`` (..., M), ``latents`` (..., M, L) → indices (..., k) int64 in pick order. The first pick is
-    argmax s (empty diversity term); ties go to the lowest index.
+    argmax s (empty diversity term); ties go to the lowest index. ``mask`` (..., M) bool, True = valid: only
+    valid candidates are picked (each pool needs at least k of them).
     """
     _checks.float_tensor("scores", scores)
     _checks.float_tensor("latents", latents)
@@ -263,10 +301,13 @@ def greedy_diverse_select(scores, latents, k=3, *, diversity_weight=1.0):
         raise ValueError(f"k must be an int in [1, M={m}], got {k!r}")
     if diversity_weight < 0:
         raise ValueError(f"diversity_weight must be >= 0, got {diversity_weight}")
+    mask = _checked_mask(mask, scores.shape, "scores (..., M)", scores.device)
+    if mask is not None:
+        _require_valid(mask, k, "greedy selection of k picks")
     unit = nn.functional.normalize(latents, dim=-1)
     distance = 1 - unit @ unit.transpose(-1, -2)                       # (..., M, M)
     min_distance = torch.zeros_like(scores)                            # empty set: no diversity term
-    taken = torch.zeros_like(scores, dtype=torch.bool)
+    taken = torch.zeros_like(scores, dtype=torch.bool) if mask is None else ~mask   # invalid = never pickable
     picks = []
     for step in range(k):
         objective = scores + diversity_weight * min_distance
@@ -279,12 +320,20 @@ def greedy_diverse_select(scores, latents, k=3, *, diversity_weight=1.0):
     return torch.stack(picks, -1)
 
 
-def proposal_log_probs(scores, *, tau=1.0):
-    """log q_i with q = softmax(s / τ) over each pool: ``scores`` (..., M) → (..., M) (log-sum-exp = 0)."""
+def proposal_log_probs(scores, *, tau=1.0, mask=None):
+    """log q_i with q = softmax(s / τ) over each pool: ``scores`` (..., M) → (..., M) (log-sum-exp = 0).
+
+    ``mask`` (..., M) bool, True = valid: q is the softmax over the valid candidates only (log q = -inf on
+    invalid ones, whatever their score); each pool needs at least one valid candidate.
+    """
     _checks.float_tensor("scores", scores)
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
-    return torch.log_softmax(scores / tau, dim=-1)
+    mask = _checked_mask(mask, scores.shape, "scores (..., M)", scores.device)
+    if mask is None:
+        return torch.log_softmax(scores / tau, dim=-1)
+    _require_valid(mask, 1, "the proposal q")
+    return torch.log_softmax((scores / tau).masked_fill(~mask, float("-inf")), dim=-1)
 
 
 def importance_log_weights(log_q_selected):
@@ -298,10 +347,15 @@ def importance_log_weights(log_q_selected):
 
 
 def sample_from_proposal(log_q, k, *, generator=None):
-    """K i.i.d. draws (with replacement) from q = exp(log_q) per pool: (..., M) → indices (..., k)."""
+    """K i.i.d. draws (with replacement) from q = exp(log_q) per pool: (..., M) → indices (..., k).
+
+    Candidates with log q = -inf (e.g. masked out in :func:`proposal_log_probs`) have q = 0 and are never drawn.
+    """
     _checks.float_tensor("log_q", log_q)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+    if log_q.numel() and not bool(torch.isfinite(log_q).any(-1).all()):
+        raise ValueError("log_q must give every pool at least one candidate with finite log q")
     probs = log_q.detach().exp().reshape(-1, log_q.shape[-1]).cpu().double()
     draws = torch.multinomial(probs, k, replacement=True, generator=generator)
     return draws.reshape(*log_q.shape[:-1], k).to(log_q.device)
@@ -317,17 +371,28 @@ class NegativeSelection:
     log_q_pool: torch.Tensor
 
 
-def select_negatives(sae, diffs, k=3, *, mode="greedy", diversity_weight=1.0, tau=1.0, generator=None):
+def select_negatives(sae, diffs, k=3, *, mode="greedy", diversity_weight=1.0, tau=1.0, generator=None,
+                     mask=None):
     """Score pools ``diffs`` (B, M, D) with ``sae`` and pick K negatives per pool.
 
     mode "greedy": :func:`greedy_diverse_select` (the paper's default pipeline); "sample": K i.i.d. draws
     from q = softmax(s/τ). Either way ``log_q`` holds log q of the picked items.
+
+    ``mask`` (B, M) bool, True = valid candidate, for pools of different sizes padded to one M: scores are
+    normalised over, q is a softmax over, and picks come from the valid candidates only (``scores`` = -inf and
+    ``log_q_pool`` = -inf on invalid ones); every pool needs at least k valid candidates.
     """
     _checks.choice("mode", mode, ("greedy", "sample"))
-    scores, latents, _, _ = selection_scores(sae, diffs)
-    log_q_pool = proposal_log_probs(scores, tau=tau)
+    _checks.float_tensor("diffs", diffs)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    mask = _checked_mask(mask, diffs.shape[:-1], "diffs (B, M, D)", diffs.device)
+    if mask is not None:
+        _require_valid(mask, k, "selecting k negatives per pool")
+    scores, latents, _, _ = selection_scores(sae, diffs, mask=mask)
+    log_q_pool = proposal_log_probs(scores, tau=tau, mask=mask)
     if mode == "greedy":
-        indices = greedy_diverse_select(scores, latents, k, diversity_weight=diversity_weight)
+        indices = greedy_diverse_select(scores, latents, k, diversity_weight=diversity_weight, mask=mask)
     else:
         indices = sample_from_proposal(log_q_pool, k, generator=generator)
     return NegativeSelection(indices, log_q_pool.gather(-1, indices), scores, log_q_pool)

@@ -304,6 +304,130 @@ def test_sampled_negatives_estimator_is_unbiased():
     torch.testing.assert_close(corrected.exp().sum(-1), z_hat)        # what misp_dpo_loss's LSE sees
 
 
+def _masked_case():
+    # candidate 2 has by far the largest reconstruction error and latent norm: without the mask it would win
+    # the first greedy pick and dominate q, and its maxima would shrink every other score.
+    latents = torch.tensor([[1.0, 0.0], [0.0, 2.0], [90.0, 90.0], [0.5, 0.5], [3.0, 1.0], [0.2, 0.9]])
+    recon_err = torch.tensor([1.0, 4.0, 500.0, 0.5, 2.0, 3.0])
+    mask = torch.tensor([True, True, False, True, True, True])
+    return _FixedSAE(latents, recon_err), latents, recon_err, mask
+
+
+def test_masked_scores_normalise_over_valid_candidates():
+    sae, latents, recon_err, mask = _masked_case()
+    scores, _, recon, l1 = neg.selection_scores(sae, torch.zeros(6, 3), mask=mask)
+    valid = mask.nonzero().squeeze(-1)
+    expected = recon_err[valid] / recon_err[valid].max() + l1[valid] / l1[valid].max()
+    torch.testing.assert_close(scores[valid], expected)               # the huge invalid entry sets no max
+    assert scores[2] == float("-inf")
+    torch.testing.assert_close(recon, recon_err)                      # ℓ, v returned as computed
+    unmasked, _, _, _ = neg.selection_scores(sae, torch.zeros(6, 3))
+    assert float(unmasked[valid].max()) < 0.1                         # what the mask protects against
+    # garbage (NaN) padding stays out of the valid scores
+    nan_sae = _FixedSAE(latents, recon_err.clone().index_fill_(0, torch.tensor([2]), float("nan")))
+    scores_nan, _, _, _ = neg.selection_scores(nan_sae, torch.zeros(6, 3), mask=mask)
+    torch.testing.assert_close(scores_nan[valid], expected)
+
+
+def test_masked_proposal_is_softmax_over_valid_candidates():
+    scores = torch.randn(3, 7, dtype=torch.float64)
+    scores[0, 4] = 50.0                                               # invalid and largest
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 4] = mask[0, 0] = mask[2, 6] = False
+    log_q = neg.proposal_log_probs(scores, tau=0.5, mask=mask)
+    assert torch.isneginf(log_q[~mask]).all() and torch.isfinite(log_q[mask]).all()
+    torch.testing.assert_close(torch.logsumexp(log_q, -1), torch.zeros(3, dtype=torch.float64))
+    for row in range(3):
+        torch.testing.assert_close(log_q[row, mask[row]], torch.log_softmax(scores[row, mask[row]] / 0.5, -1))
+    # draws from a masked q never hit an invalid candidate
+    draws = neg.sample_from_proposal(log_q, 500, generator=torch.Generator().manual_seed(0))
+    assert mask.gather(-1, draws).all()
+    with pytest.raises(ValueError, match="finite log q"):
+        neg.sample_from_proposal(torch.full((2, 3), float("-inf")), 1)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_masked_selection_never_picks_an_invalid_candidate(mode):
+    _, latents, recon_err, mask = _masked_case()
+    sae, diffs = _FixedSAE(latents[None], recon_err[None]), torch.zeros(1, 6, 3)
+    unmasked = neg.select_negatives(sae, diffs, 3, mode=mode, generator=torch.Generator().manual_seed(0))
+    assert 2 in unmasked.indices[0].tolist()                          # the case is one the mask must fix
+    for seed in range(20):
+        sel = neg.select_negatives(sae, diffs, 3, mode=mode, mask=mask[None],
+                                   generator=torch.Generator().manual_seed(seed))
+        assert 2 not in sel.indices[0].tolist()
+        assert torch.isfinite(sel.log_q).all()
+        torch.testing.assert_close(sel.log_q, sel.log_q_pool.gather(-1, sel.indices))
+        assert torch.isneginf(sel.log_q_pool[0, 2]) and torch.isneginf(sel.scores[0, 2])
+    if mode == "greedy":                                              # finite scores: the mask alone excludes 2
+        for weight in (0.0, 1.0, 10.0):
+            picks = neg.greedy_diverse_select(recon_err, latents, 5, diversity_weight=weight, mask=mask)
+            assert sorted(picks.tolist()) == [0, 1, 3, 4, 5]
+            assert picks[0] == 1                                      # the best valid score goes first
+
+
+def test_masked_selection_equals_selection_on_the_unpadded_pools(seed):
+    # pools of 9 and 5 valid candidates padded to M = 9 (padding = NaN garbage) select exactly what each pool
+    # selects on its own
+    gen = torch.Generator().manual_seed(seed)
+    diffs = torch.randn(2, 9, 12, dtype=torch.float64, generator=gen)
+    sae = neg.train_sae(diffs.reshape(-1, 12), latent_dim=16, steps=20, seed=seed).sae
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    padded = diffs.clone()
+    padded[1, 5:] = float("nan")
+    for mode in ("greedy", "sample"):
+        sel = neg.select_negatives(sae, padded, 4, mode=mode, tau=0.7, mask=mask,
+                                   generator=torch.Generator().manual_seed(seed))
+        for row, size in ((0, 9), (1, 5)):
+            alone = neg.select_negatives(sae, diffs[row:row + 1, :size], 4, mode=mode, tau=0.7,
+                                         generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(sel.scores[row, :size], alone.scores[0])
+            torch.testing.assert_close(sel.log_q_pool[row, :size], alone.log_q_pool[0])
+            if mode == "greedy":                                      # draws of a batch interleave per row
+                assert sel.indices[row].tolist() == alone.indices[0].tolist()
+                torch.testing.assert_close(sel.log_q[row], alone.log_q[0])
+    # greedy_diverse_select alone: same picks as on the valid sub-pool
+    scores, latents, _, _ = neg.selection_scores(sae, padded, mask=mask)
+    picks = neg.greedy_diverse_select(scores, latents, 5, mask=mask)
+    alone_scores, alone_latents, _, _ = neg.selection_scores(sae, diffs[1, :5])
+    assert picks[1].tolist() == neg.greedy_diverse_select(alone_scores, alone_latents, 5).tolist()
+
+
+def test_all_true_mask_is_bit_identical_to_no_mask(seed):
+    gen = torch.Generator().manual_seed(seed)
+    diffs = torch.randn(3, 8, 10, generator=gen)
+    sae = neg.train_sae(diffs.reshape(-1, 10), latent_dim=16, steps=10, seed=seed).sae
+    everything = torch.ones(3, 8, dtype=torch.bool)
+    for mode in ("greedy", "sample"):
+        plain = neg.select_negatives(sae, diffs, 3, mode=mode, generator=torch.Generator().manual_seed(1))
+        masked = neg.select_negatives(sae, diffs, 3, mode=mode, generator=torch.Generator().manual_seed(1),
+                                      mask=everything)
+        for name in ("indices", "log_q", "scores", "log_q_pool"):
+            assert torch.equal(getattr(plain, name), getattr(masked, name)), (mode, name)
+
+
+def test_bad_masks_raise():
+    sae, latents, recon_err, mask = _masked_case()
+    diffs, scores = torch.zeros(1, 6, 3), recon_err[None]
+    with pytest.raises(TypeError, match="mask"):
+        neg.selection_scores(sae, diffs, mask=mask[None].float())
+    with pytest.raises(ValueError, match="mask"):
+        neg.selection_scores(sae, diffs, mask=mask)                    # (M,) for pools (1, M)
+    with pytest.raises(ValueError, match="mask"):
+        neg.proposal_log_probs(scores, mask=mask[None, :5])
+    with pytest.raises(ValueError, match="mask.*at least one|mask.*k=1"):
+        neg.proposal_log_probs(scores, mask=torch.zeros(1, 6, dtype=torch.bool))
+    few = torch.tensor([[True, False, False, True, False, False]])
+    with pytest.raises(ValueError, match="mask.*k=3"):
+        neg.greedy_diverse_select(scores, latents[None], 3, mask=few)
+    for mode in ("greedy", "sample"):
+        with pytest.raises(ValueError, match="mask.*k=3"):
+            neg.select_negatives(sae, diffs, 3, mode=mode, mask=few)
+    with pytest.raises(TypeError, match="mask"):
+        neg.greedy_diverse_select(scores, latents[None], 3, mask=[mask.tolist()])
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Trainer integration: online SMPRO rounds and MISP-DPO selection on the tiny offline LLaVA
 # ------------------------------------------------------------------------------------------------------------
@@ -367,6 +491,56 @@ def test_misp_dpo_selection_in_trainer(tmp_path):
         assert record.groups == [0, 1] and record.responses[0] == record.answer
     metrics = trainer.train_step()
     assert math.isfinite(metrics["loss"]) and "loss/image" in metrics and "loss/text" in metrics
+
+
+@pytest.mark.parametrize("selection", ["greedy", "sample", "uniform"])
+def test_misp_select_candidate_sets_differ_in_size(monkeypatch, selection):
+    # record 0: the policy gives its chosen answer on gallery images 4..11 → 4 allowed → 4 candidates;
+    # record 1: no supporting image → 12 allowed → its full candidates_per_record = 8 (a shared (N, m) tensor
+    # cut to the smallest set would give it 4); record 2: only 2 allowed < num_negatives → the whole gallery.
+    from prefrank.train import selfpref
+    from prefrank.train.data import PreferenceRecord, synthetic_dataset
+    from prefrank.train.model import build_tiny_vlm
+
+    def gallery_answers(vlm, pool, questions, pairs, options, **kwargs):
+        def answer(k, question):
+            if question.startswith("What color"):
+                return "red" if k >= 4 else "green"
+            if question.startswith("What shape"):
+                return "circle" if k >= 2 else "square"
+            return "one"
+        return {(k, q): answer(k, questions[q]) for k, q in pairs}
+
+    sae_inputs, train_sae = [], neg.train_sae
+
+    def recording_train_sae(vectors, **kwargs):
+        sae_inputs.append(vectors.clone())
+        return train_sae(vectors, **kwargs)
+
+    monkeypatch.setattr(selfpref, "_pool_answers", gallery_answers)
+    monkeypatch.setattr(selfpref.neg, "train_sae", recording_train_sae)
+    images = [r.image for r in synthetic_dataset(3, seed=1)]
+    records = [PreferenceRecord(images[0], "What color is the shape?", ["red", "blue"], [0, 1], "red"),
+               PreferenceRecord(images[1], "How many shapes are there?", ["two", "three"], [0, 1], "two"),
+               PreferenceRecord(images[2], "What shape is shown?", ["circle", "square"], [0, 1], "circle")]
+    options = selfpref.SelfPrefOptions.from_dict({"pool_size": 12, "candidates_per_record": 8, "sae_steps": 5,
+                                                  "proj_dim": 4, "selection": selection})
+    out, summary = selfpref.misp_select(build_tiny_vlm(), records, options, num_negatives=3, max_new_tokens=2,
+                                        device="cpu")
+    rows = summary["rows"]
+    assert [row["allowed"] for row in rows] == [4, 12, 12]
+    assert [row["candidates"] for row in rows] == [4, 8, 8]
+    assert summary["candidates"] == {"mean": pytest.approx(20 / 3), "min": 4, "max": 8}
+    assert set(rows[0]["negatives"]) <= {0, 1, 2, 3}                  # padding of its row is never picked
+    for record, row in zip(out, rows):
+        assert len(record.negative_images) == 3
+        if selection != "sample":                                     # "sample" draws with replacement
+            assert len(set(row["negatives"])) == 3
+        if selection == "uniform":
+            assert record.negative_log_q is None
+        else:
+            assert all(math.isfinite(v) and v < 0 for v in record.negative_log_q)
+    assert [v.shape[0] for v in sae_inputs] == [4 + 8 + 8]            # fitted on the valid differences only
 
 
 def test_self_generation_config_errors(tmp_path):

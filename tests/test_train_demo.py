@@ -4,6 +4,8 @@ the rows' data: every preference row built from ONE shared generation round of t
 import json
 from dataclasses import replace
 
+import pytest
+
 from prefrank import demo
 from prefrank.train import selfpref_demo
 from prefrank.train.data import synthetic_dataset
@@ -37,6 +39,11 @@ def test_demo_quick_writes_report_table_and_plots(tmp_path, capsys):
     # MISP-DPO: the same round + one gallery check per (gallery image, distinct question)
     misp = json.loads((tmp_path / "misp_dpo" / "selfpref" / "misp_negatives.json").read_text())
     assert misp["generated_answers"] > 0
+    counts = [row["candidates"] for row in misp["rows"]]              # per-prompt candidate sets, not one cap
+    assert misp["candidates"] == {"mean": pytest.approx(sum(counts) / len(counts)), "min": min(counts),
+                                  "max": max(counts)}
+    assert (f"candidates per prompt: mean {misp['candidates']['mean']:.1f} (min {min(counts)}, "
+            f"max {max(counts)}") in report
     assert by_method["misp_dpo"]["generated_per_prompt"] == 12.0 + misp["generated_answers"] / 32
     pairs = [json.loads(line) for line in (tmp_path / "data" / "dpo.jsonl").read_text().splitlines()]
     assert len(pairs) == len(kept) and all(p["groups"] == [0, 1] for p in pairs)

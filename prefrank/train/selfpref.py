@@ -16,7 +16,8 @@ steps (``round_<k>.jsonl``; a resumed run reloads the round it was in instead of
 MISP-DPO (papers.md §3.3–3.4): a gallery of ``pool_size`` images (the synthetic generator with ``pool_seed``,
 or every image of ``pool_folder``); per record, the gallery minus the images on which the policy itself gives
 the record's best answer (our choice: such an image supports y_p, so it is no negative for it), then the
-``candidates_per_record`` most similar ones (the paper's CLIP-retrieval step); joint embeddings from the
+``candidates_per_record`` most similar ones (the paper's CLIP-retrieval step; all of them for a record with
+fewer allowed images: candidate sets differ in size and are masked, not cut to the smallest); joint embeddings from the
 policy's own vision tower (mean of the projected image tokens) and token embeddings (mean over the
 question's tokens), randomly projected to ``proj_dim`` per side; one sparse autoencoder fitted on every
 (record, candidate) difference vector; K = ``TrainConfig.num_negatives`` negatives per record picked by
@@ -243,9 +244,13 @@ def misp_select(vlm, records, options, *, num_negatives, max_new_tokens, device)
     record. Returns (new records, selection summary; its ``generated_answers`` = the pool answers generated).
 
     Per record: (1) candidates = the pool minus the images on which the policy itself answers the record's
-    best response (``exclude_supporting``: such an image is not a negative for that answer); (2) retrieval of the
-    ``candidates_per_record`` most similar of them (cosine of the image embeddings; None = all), the CLIP
-    retrieval step of the paper; (3) SAE score, greedy diverse selection and q over those candidates.
+    best response (``exclude_supporting``: such an image is not a negative for that answer; when fewer than
+    ``num_negatives`` images are left, the whole pool); (2) retrieval of the ``candidates_per_record`` most
+    similar of them (cosine of the image embeddings; None = all; a record with fewer allowed images keeps them
+    all), the CLIP retrieval step of the paper; (3) SAE score, greedy diverse selection and q over those
+    candidates. The per-record candidate sets are padded to one width and masked (``select_negatives(mask=)``);
+    the SAE is fitted on the valid (record, candidate) difference vectors only. The summary reports each
+    record's candidate count (rows' ``candidates``) and their mean/min/max (top-level ``candidates``).
     """
     pool = candidate_pool(options)
     if num_negatives > len(pool):
@@ -271,24 +276,28 @@ def misp_select(vlm, records, options, *, num_negatives, max_new_tokens, device)
                                        for k in range(len(pool))])
             if int((~supporting).sum()) >= num_negatives:  # else: too few left, keep the whole pool
                 allowed[i] = ~supporting
-    m = len(pool) if options.candidates_per_record is None else min(options.candidates_per_record, len(pool))
+    limit = len(pool) if options.candidates_per_record is None else options.candidates_per_record
+    counts = allowed.sum(1).clamp(max=limit)                                          # (N,) candidates per record
+    m = int(counts.max())
     similarity = torch.nn.functional.normalize(h_pos, dim=-1) @ torch.nn.functional.normalize(h_pool, dim=-1).T
     similarity = similarity.masked_fill(~allowed, float("-inf"))
-    m = min(m, int(allowed.sum(1).min()))
-    candidates = similarity.topk(m, dim=1).indices                                 # (N, m) pool indices
+    # (N, m) pool indices, most similar first: a record's first counts[i] are its allowed candidates, the rest
+    # (disallowed images, there only to pad the rows to one width) are marked invalid
+    candidates = similarity.topk(m, dim=1).indices
+    valid = torch.arange(m) < counts[:, None]                                         # (N, m)
     e_pos = neg.joint_embedding(h_pos, h_text)                                        # (N, P)
     e_cand = neg.joint_embedding(h_pool[candidates], h_text[:, None, :])              # (N, m, P)
     diffs = neg.difference_vectors(e_pos, e_cand)
-    fit = neg.train_sae(diffs.reshape(-1, diffs.shape[-1]), latent_dim=options.sae_latents,
-                        rho=options.sae_rho, gamma=options.sae_gamma, steps=options.sae_steps, seed=options.seed)
+    fit = neg.train_sae(diffs[valid], latent_dim=options.sae_latents, rho=options.sae_rho,
+                        gamma=options.sae_gamma, steps=options.sae_steps, seed=options.seed)
     if options.selection == "uniform":
         generator = torch.Generator().manual_seed(options.seed)
-        local = torch.stack([torch.randperm(m, generator=generator)[:num_negatives] for _ in records])
+        local = torch.stack([torch.randperm(int(c), generator=generator)[:num_negatives] for c in counts])
         log_q = None
     else:
         selection = neg.select_negatives(fit.sae, diffs, num_negatives, mode=options.selection,
                                          diversity_weight=options.diversity_weight, tau=options.tau,
-                                         generator=torch.Generator().manual_seed(options.seed))
+                                         generator=torch.Generator().manual_seed(options.seed), mask=valid)
         local, log_q = selection.indices, selection.log_q
     indices = candidates.gather(1, local)
     missing = [(int(indices[i, 0]), question_index[r.question]) for i, r in enumerate(records)
@@ -308,9 +317,10 @@ def misp_select(vlm, records, options, *, num_negatives, max_new_tokens, device)
                                     negative_images=[pool[k] for k in picked],
                                     negative_log_q=None if log_q is None else [float(v) for v in log_q[i]]))
         summary.append({"record": i, "negatives": picked, "log_q": out[-1].negative_log_q,
-                        "allowed": int(allowed[i].sum()), "text_negative": rejected,
+                        "allowed": int(allowed[i].sum()), "candidates": int(counts[i]), "text_negative": rejected,
                         "text_negative_from_policy": from_policy})
-    return out, {"sae_loss_first": fit.losses[0], "sae_loss_last": fit.losses[-1], "candidates": m,
+    candidate_counts = {"mean": float(counts.double().mean()), "min": int(counts.min()), "max": m}
+    return out, {"sae_loss_first": fit.losses[0], "sae_loss_last": fit.losses[-1], "candidates": candidate_counts,
                  "generated_answers": len(answers), "rows": summary}
 
 

@@ -222,9 +222,12 @@ def report_section(out, round_):
         rows = misp["rows"]
         distinct = len({k for row in rows for k in row["negatives"]})
         from_policy = sum(row["text_negative_from_policy"] for row in rows) / len(rows)
+        counts = misp["candidates"]
         lines += [f"MISP-DPO selection: {misp['generated_answers']} gallery answers generated; SAE loss "
-                  f"{misp['sae_loss_first']:.1f} → {misp['sae_loss_last']:.1f}; {misp['candidates']} candidates "
-                  f"per prompt; {distinct} distinct gallery images among the picked negatives; text negative = "
+                  f"{misp['sae_loss_first']:.1f} → {misp['sae_loss_last']:.1f}; candidates per prompt: mean "
+                  f"{counts['mean']:.1f} (min {counts['min']}, max {counts['max']}; at most "
+                  f"{MISP_OPTIONS['candidates_per_record']}, fewer where fewer gallery images are allowed); "
+                  f"{distinct} distinct gallery images among the picked negatives; text negative = "
                   f"the policy's answer on a negative image for {from_policy:.0%} of the prompts (else the SeVa "
                   "rejected answer).", ""]
     return "\n".join(lines)
