@@ -135,9 +135,15 @@ def write_outputs(rows, machine):
 
 
 def _ratio(a, b):
-    if a and not b:  # the denominator measured 0 (below the resident-set resolution)
-        return "∞"
     return f"{a / b:.1f}×" if a and b else "—"
+
+
+def _memory_ratio(a, b):
+    """Like _ratio, for MiB: a baseline under 1 MiB is within the measurement's noise, and prefrank under
+    0.1 MiB measures as nothing (the resident set moves in pages and allocator blocks)."""
+    if a == "" or a < 1:
+        return "—"
+    return "prefrank ≈ 0" if b < 0.1 else _ratio(a, b)
 
 
 def _mib(value):
@@ -163,8 +169,8 @@ def markdown_table(rows, machine):
             slow, fast = (r, ours) if not impl.startswith("prefrank") else (baseline, r)
             ratios = ["", "", ""]
             if impl != "prefrank" and slow is not None and fast is not None:
-                ratios = [_ratio(slow[key], fast[key]) if slow[key] != "" else ""
-                          for key in ("fwd_bwd_ms", "peak_mib", "temporaries_mib")]
+                ratios = [_ratio(slow["fwd_bwd_ms"], fast["fwd_bwd_ms"]),
+                          *(_memory_ratio(slow[key], fast[key]) for key in ("peak_mib", "temporaries_mib"))]
             roof = f"{r['roofline_ms']:.3f}" if r["roofline_ms"] != "" else ""
             lines.append(f"| {op} | {shape} | {dtype} | {impl} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
                          f"{_mib(r['peak_mib'])} | {_mib(r['temporaries_mib'])} | {' | '.join(ratios)} | {roof} |")
