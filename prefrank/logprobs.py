@@ -80,48 +80,35 @@ def _token_bwd_inplace(grad_logp, logits, labels, lse, ignore_index, temperature
         torch.ops.prefrank.sequence_logprobs_bwd_(grad_logp, logits, labels, lse, ignore_index, temperature)
 
 
-class _TritonTokenLogprobs(torch.autograd.Function):
-    """Backend "triton" on CPU tensors (interpreter): the registered ops would route CPU to C++."""
+class _TokenLogprobs(torch.autograd.Function):
+    """Per-token logps through the Python-side launchers, for the two cases the registered op does not cover:
 
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, temperature):
-        logp, lse = _fwd_triton(logits, labels, ignore_index, temperature)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits, labels, lse)
-        ctx.ignore_index, ctx.temperature = ignore_index, temperature
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        logits, labels, lse = ctx.saved_tensors
-        grad = _bwd_triton(grad_logp, logits, labels, lse, ctx.ignore_index, ctx.temperature)
-        return grad, None, None, None
-
-
-class _InplaceBackwardTokenLogprobs(torch.autograd.Function):
-    """``inplace_backward=True``: the backward writes the gradient over the saved logits and returns them.
-
-    Saves the T×V gradient buffer the default path allocates (the peers' in-place cross-entropy trick). The
-    write bumps the logits' version counter, so anything that still needs the old values (a second backward
-    through this graph, an op that saved the same tensor) raises autograd's "modified by an inplace
-    operation" error instead of reading the gradient.
+    - backend "triton" on CPU tensors (interpreter): the registered ops would route CPU to C++;
+    - ``inplace_backward=True`` (any device): the backward writes the gradient over the saved logits and
+      returns them. That saves the T×V gradient buffer the default path allocates (the peers' in-place
+      cross-entropy trick). The write bumps the logits' version counter, so anything that still needs the
+      old values (a second backward through this graph, an op that saved the same tensor) raises autograd's
+      "modified by an inplace operation" error instead of reading the gradient.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, temperature):
+    def forward(ctx, logits, labels, ignore_index, temperature, inplace):
         logp, lse = _token_fwd(logits, labels, ignore_index, temperature)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, labels, lse)
-        ctx.ignore_index, ctx.temperature = ignore_index, temperature
+        ctx.ignore_index, ctx.temperature, ctx.inplace = ignore_index, temperature, inplace
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         logits, labels, lse = ctx.saved_tensors
+        if not ctx.inplace:  # backend "triton" on CPU tensors
+            grad = _bwd_triton(grad_logp, logits, labels, lse, ctx.ignore_index, ctx.temperature)
+            return grad, None, None, None, None
         _token_bwd_inplace(grad_logp.to(lse.dtype).contiguous(), logits, labels, lse, ctx.ignore_index,
                            ctx.temperature)
         torch.autograd.graph.increment_version(logits)
-        return logits, None, None, None
+        return logits, None, None, None, None
 
 
 def _token_logprobs(logits, labels, ignore_index, temperature, inplace_backward=False):
@@ -129,9 +116,9 @@ def _token_logprobs(logits, labels, ignore_index, temperature, inplace_backward=
     if inplace_backward and logits.requires_grad:
         if not _use_triton(logits.device):
             _extension.require()
-        return _InplaceBackwardTokenLogprobs.apply(logits, labels, ignore_index, temperature)
+        return _TokenLogprobs.apply(logits, labels, ignore_index, temperature, True)
     if backend.get_backend() == "triton" and logits.device.type != "cuda":
-        return _TritonTokenLogprobs.apply(logits, labels, ignore_index, temperature)
+        return _TokenLogprobs.apply(logits, labels, ignore_index, temperature, False)
     _extension.require()
     logp, _ = torch.ops.prefrank.sequence_logprobs_fwd(logits, labels, ignore_index, temperature)
     return logp
