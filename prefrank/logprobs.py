@@ -105,8 +105,7 @@ class _TokenLogprobs(torch.autograd.Function):
         if not ctx.inplace:  # backend "triton" on CPU tensors
             grad = _bwd_triton(grad_logp, logits, labels, lse, ctx.ignore_index, ctx.temperature)
             return grad, None, None, None, None
-        _token_bwd_inplace(grad_logp.to(lse.dtype).contiguous(), logits, labels, lse, ctx.ignore_index,
-                           ctx.temperature)
+        _token_bwd_inplace(grad_logp, logits, labels, lse, ctx.ignore_index, ctx.temperature)  # casts grad_logp
         torch.autograd.graph.increment_version(logits)
         return logits, None, None, None, None
 

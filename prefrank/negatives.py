@@ -250,11 +250,8 @@ def _require_valid(mask, k, what):
 
 
 def _max_normalised(x, mask=None):
-    if mask is None:
-        top = x.amax(-1, keepdim=True)
-        return torch.where(top > 0, x / torch.where(top > 0, top, 1), torch.zeros_like(x))
-    # invalid entries (possibly garbage, e.g. NaN padding) neither set the max nor get a value
-    x = x.masked_fill(~mask, 0)
+    if mask is not None:  # invalid entries (possibly garbage, e.g. NaN padding) neither set the max nor get a value
+        x = x.masked_fill(~mask, 0)
     top = x.amax(-1, keepdim=True)
     return torch.where(top > 0, x / torch.where(top > 0, top, 1), torch.zeros_like(x))
 
