@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 TRITON_SPEC ?= triton==3.8.0
 DEPS := numpy pytest pytest-benchmark pytest-xdist ruff ninja pybind11 setuptools wheel \
-        transformers safetensors pillow tqdm matplotlib diffsort statsmodels
+        transformers safetensors pillow tqdm matplotlib diffsort statsmodels pyyaml \
+        trl==1.16.0 peft==0.21.2 hypothesis cut-cross-entropy==25.1.1 torchsurv==0.2.0
 STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(wildcard csrc/*) setup.py

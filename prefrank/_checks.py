@@ -1,6 +1,21 @@
-"""Input validation shared by every op (errors name the offending argument), and output allocation."""
+"""Input validation shared by every op (errors name the offending argument), and output allocation.
 
+Two kinds of checks:
+- shape, dtype, device and option checks look only at metadata: always on, on every device, also under
+  torch.compile;
+- data checks (NaN/+inf scores, label ranges, duplicate ranking entries, lists without two levels) must read
+  the tensor's values, which on a GPU is a device→host synchronisation in the training step. They run when
+  :func:`data_checks_enabled` says so: eagerly on CPU tensors (no sync cost there), on any device inside
+  :func:`debug` / with ``PREFRANK_DEBUG=1``, never while torch.compile traces. On CUDA tensors outside
+  debug mode the kernels instead never read out of bounds and produce NaN for an affected list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -19,6 +34,44 @@ def new_output(shape, *, dtype, device):
 def compiling():
     """True while torch.compile traces: data-dependent checks are skipped there (they would break the graph)."""
     return torch.compiler.is_compiling()
+
+
+_debug_block: contextvars.ContextVar[bool | None] = contextvars.ContextVar("prefrank_debug", default=None)
+
+
+@contextlib.contextmanager
+def debug(enabled: bool = True) -> Iterator[None]:
+    """Run the enclosed code with data checks on every device (``prefrank.debug()``; env ``PREFRANK_DEBUG=1``).
+
+    Outside it, checks that read tensor values run on CPU tensors only, so a CUDA training step never waits
+    for the host. Inside it, a CUDA call that would have produced NaN raises the same ValueError as on CPU.
+    ``debug(False)`` turns the CUDA data checks off again inside an enclosing debug block. Per thread / task.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    token = _debug_block.set(enabled)
+    try:
+        yield
+    finally:
+        _debug_block.reset(token)
+
+
+def debug_enabled() -> bool:
+    """True inside :func:`debug` or when ``PREFRANK_DEBUG`` is set to 1 (and no ``debug(False)`` block)."""
+    block = _debug_block.get()
+    if block is not None:
+        return block
+    return os.environ.get("PREFRANK_DEBUG", "0") not in ("", "0")
+
+
+def data_checks_enabled(*tensors: torch.Tensor | None) -> bool:
+    """Whether value-reading checks run for these inputs: not while compiling; in debug mode always; else
+    only when every given tensor is on the CPU (and not a fake/meta tensor)."""
+    if compiling():
+        return False
+    if debug_enabled():
+        return True
+    return all(t is None or t.device.type == "cpu" for t in tensors)
 
 
 def float_tensor(name, value):
@@ -85,7 +138,7 @@ def normalized_dim(name, dim, ndim):
 
 def finite_or_neg_inf(name, value):
     """Reject NaN and +inf (silent NaN results otherwise); -inf is a defined strength-0 score."""
-    if compiling():
+    if not data_checks_enabled(value):
         return
     if torch.isnan(value).any() or torch.isposinf(value).any():
         raise ValueError(f"{name} contains NaN or +inf")

@@ -1,48 +1,70 @@
-"""Which implementation an op runs: the compiled kernels (default) or the pure-PyTorch references.
+"""Which implementation an op runs: per call (``impl=``), per block (``use_backend``) or process-wide.
 
 ``auto``      CUDA tensors → Triton kernels / CUDA extension; CPU tensors → the C++ CPU kernels.
-``reference`` the pure-PyTorch code in :mod:`prefrank.reference` everywhere (debugging, A/B checks).
-``triton``    like ``auto`` but Triton kernels also on CPU tensors; only meaningful under
-              ``TRITON_INTERPRET=1`` (how CI runs the Triton kernels without a GPU). Ops without a Triton
-              kernel use their C++ kernels.
+``reference`` the pure-PyTorch code in :mod:`prefrank.reference` (debugging, A/B checks, any device).
+``triton``    the Triton kernels, on CPU tensors too; only meaningful under ``TRITON_INTERPRET=1`` (how CI
+              runs the Triton kernels without a GPU). Ops without a Triton kernel run their C++ kernels.
 
-The initial value comes from the environment variable ``PREFRANK_BACKEND`` (default ``auto``).
+Every op takes ``impl="auto"|"reference"|"triton"``; ``impl="auto"`` means "the current default", which is,
+in order: the innermost enclosing :func:`use_backend` block of this thread / async task (a ``ContextVar``,
+so threads never see each other's blocks), else the process-wide :func:`set_backend` value, else the
+environment variable ``PREFRANK_BACKEND`` (read at import), else ``"auto"``.
 """
 
+from __future__ import annotations
+
 import contextlib
+import contextvars
 import os
+import threading
+from collections.abc import Iterator
+from typing import Literal
 
-BACKENDS = ("auto", "reference", "triton")
+Impl = Literal["auto", "reference", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "triton")
 
-_current = "auto"
+_process_default = "auto"
+_process_lock = threading.Lock()
+_block_default: contextvars.ContextVar[str | None] = contextvars.ContextVar("prefrank_backend", default=None)
 
 
-def _checked(name):
+def _checked(name: object, argument: str = "backend") -> str:
     if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"{argument} must be one of {BACKENDS}, got {name!r}")
     return name
 
 
-def set_backend(name):
-    """Select the implementation every op uses from now on (``"auto"``, ``"reference"`` or ``"triton"``)."""
-    global _current
-    _current = _checked(name)
+def set_backend(name: Impl) -> None:
+    """Select the process-wide default implementation (``"auto"``, ``"reference"`` or ``"triton"``)."""
+    global _process_default
+    with _process_lock:
+        _process_default = _checked(name)
 
 
-def get_backend():
-    """The backend currently selected."""
-    return _current
+def get_backend() -> str:
+    """The default ``impl="auto"`` resolves to here (innermost ``use_backend`` block, else process-wide)."""
+    block = _block_default.get()
+    return block if block is not None else _process_default
 
 
 @contextlib.contextmanager
-def use_backend(name):
-    """Context manager: run the enclosed code with another backend, then restore the previous one."""
-    previous = get_backend()
-    set_backend(name)
+def use_backend(name: Impl) -> Iterator[None]:
+    """Run the enclosed code with another default implementation (this thread / task only), then restore."""
+    token = _block_default.set(_checked(name))
     try:
         yield
     finally:
-        set_backend(previous)
+        _block_default.reset(token)
+
+
+def resolve(impl: object) -> str:
+    """The implementation one call runs: ``impl`` itself unless it is ``"auto"``, then the current default.
+
+    Returns ``"auto"`` (compiled kernels by device), ``"reference"`` or ``"triton"``; ValueError naming
+    ``impl`` for anything else.
+    """
+    impl = _checked(impl, "impl")
+    return get_backend() if impl == "auto" else impl
 
 
 set_backend(os.environ.get("PREFRANK_BACKEND", "auto"))
