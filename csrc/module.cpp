@@ -1,7 +1,9 @@
-// The prefrank._C module: the `prefrank` operator library plus a tiny Python module object.
+// The prefrank._C module: the private `prefrank_C` kernel library plus a tiny Python module object.
 //
-// Operators are declared per op family with TORCH_LIBRARY_FRAGMENT in their *_cpu.cpp file and implemented
-// per dispatch key (CPU here, CUDA in *_cuda_glue.cpp). The Python module only carries build facts that
+// Kernels are declared per op family with TORCH_LIBRARY_FRAGMENT(prefrank_C, m) in their *_cpu.cpp file and
+// implemented per dispatch key (CPU there, CUDA in *_cuda_glue.cpp). Users never call them: the public ops
+// `torch.ops.prefrank.*` are torch.library.custom_ops defined in Python (prefrank/<family>.py) whose
+// cpu/cuda kernels call these (or the Triton launchers). The Python module only carries build facts that
 // prefrank._extension checks at import (a stale build raises an ImportError with the rebuild command).
 #include <Python.h>
 #include <torch/library.h>
@@ -10,7 +12,7 @@
 #define PREFRANK_SOURCE_HASH "unknown"
 #endif
 
-TORCH_LIBRARY(prefrank, m) {}
+TORCH_LIBRARY(prefrank_C, m) {}
 
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_C", "prefrank compiled operators", -1, nullptr};
