@@ -37,6 +37,7 @@ class TrainConfig:
     loss_kwargs: dict = field(default_factory=dict)
     precision: str = "fp32"  # fp32 | bf16 (autocast; master weights and log-probs stay fp32)
     reference: str = "model"  # model (frozen copy) | precomputed (reference log-probs computed once)
+    pack_prompts: str = "auto"  # auto | on | off: each prompt once + its K responses (prefrank.packing)
     seed: int = 0
     # bookkeeping
     log_every: int = 1
@@ -64,6 +65,8 @@ class TrainConfig:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.reference not in ("model", "precomputed"):
             raise ValueError(f"reference must be 'model' or 'precomputed', got {self.reference!r}")
+        if self.pack_prompts not in ("auto", "on", "off"):
+            raise ValueError(f"pack_prompts must be 'auto', 'on' or 'off', got {self.pack_prompts!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         return self
@@ -107,6 +110,9 @@ def parse_args(argv=None):
         "seed": dict(type=int), "num_train": dict(type=int), "num_eval": dict(type=int),
         "eval_every": dict(type=int), "save_every": dict(type=int), "log_every": dict(type=int),
         "distributed": dict(choices=["ddp", "fsdp"]),
+        "pack_prompts": dict(choices=["auto", "on", "off"],
+                             help="one row per prompt holding all its responses (default auto: where the method "
+                                  "and model allow it; on: fail if the model cannot)"),
         # -- selfpref (issue 7) --
         "self_generate": dict(choices=["off", "offline", "online"],
                               help="smpro/misp_dpo: build the preference data with the policy itself"),
