@@ -582,22 +582,25 @@ class ListwiseTrainer(DPOTrainer):
         return (loss, {"logps": policy}) if return_outputs else loss
 
     def _log_metrics(self, mode, loss_metrics, policy, ref, levels, inputs):
+        """TRL's metric names, from the rank levels (whatever the loss): chosen = the best level, rejected =
+        the others; accuracies over every pair of different levels. Plus rewards/group_g and loss terms."""
         rewards = self.args.beta * (policy - ref.to(policy))
-        best, rest = levels == 0, levels > 0
+        valid, best, rest = levels >= 0, levels == 0, levels > 0
+        row_margin = ((rewards * best).sum(-1) / best.sum(-1) - (rewards * rest).sum(-1) / rest.sum(-1))
+        better = valid[:, :, None] & valid[:, None, :] & (levels[:, :, None] < levels[:, None, :])
+        correct = better & (rewards[:, :, None] > rewards[:, None, :])
         metrics = {
             "rewards/chosen": rewards[best].mean(), "rewards/rejected": rewards[rest].mean(),
+            "rewards/margins": row_margin.mean(), "rewards/accuracies": correct.sum() / better.sum(),
             "logps/chosen": policy[best].mean(), "logps/rejected": policy[rest].mean(),
+            **{key: value for key, value in loss_metrics.items() if key.startswith("loss/")},
         }
-        for key, value in loss_metrics.items():
-            if key == "rewards/margin":
-                metrics["rewards/margins"] = value
-            elif key == "rewards/ranking_accuracy":
-                metrics["rewards/accuracies"] = value
-            elif key.startswith(("rewards/group_", "loss/")):
-                metrics[key] = value
         gathered = self.accelerator.gather_for_metrics(torch.stack([v.float() for v in metrics.values()])[None])
         for key, value in zip(metrics, gathered.mean(0).tolist()):
             self._metrics[mode][key].append(value)
+        # the number of levels varies between batches (and processes): these are this process's values
+        for level in range(int(levels.max()) + 1):
+            self._metrics[mode][f"rewards/group_{level}"].append(rewards[levels == level].mean().item())
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
