@@ -106,12 +106,15 @@ def assert_close_relative(actual, expected, tol, what):
 # Parity with TRL's DPOTrainer
 # ------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("pack_prompts", ["on", "off"])
 @pytest.mark.parametrize("loss", ["plackett_luce", "dpo"])
-def test_parity_with_trl_dpo(loss, llama_path, tokenizer, tmp_path):
+def test_parity_with_trl_dpo(loss, pack_prompts, llama_path, tokenizer, tmp_path):
     trl_trainer = DPOTrainer(model=load(llama_path), args=train_args(DPOConfig, tmp_path, loss_type="sigmoid"),
                              train_dataset=Dataset.from_list(pair_rows()), processing_class=tokenizer)
-    ours = ListwiseTrainer(model=load(llama_path), ref_model=None, args=train_args(ListwiseConfig, tmp_path, loss=loss),
+    args = train_args(ListwiseConfig, tmp_path, loss=loss, pack_prompts=pack_prompts)
+    ours = ListwiseTrainer(model=load(llama_path), ref_model=None, args=args,
                            train_dataset=Dataset.from_list(ranked_pair_rows()), processing_class=tokenizer)
+    assert ours.data_collator.pack == (pack_prompts == "on")
     trl_loss, trl_grads = first_step(trl_trainer)
     our_loss, our_grads = first_step(ours)
     assert_close_relative(our_loss, trl_loss, 1e-5, "first-step loss")
@@ -202,7 +205,8 @@ def test_listwise_ties_ragged_trains(loss, llama_path, tokenizer, tmp_path):
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     perturb(trainer.model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-    assert batch["input_ids"].shape[0] == 4 + 3 + 2
+    assert trainer.data_collator.pack, "pack_prompts='auto' packs a tiny sdpa Llama"
+    assert batch["packed"].input_ids.shape[0] == 3  # one row per prompt
     assert batch["levels"].tolist() == [[1, 0, 1, 2], [0, 1, 2, -1], [1, 0, -1, -1]]
 
     trainer.model.eval()
@@ -226,6 +230,24 @@ def test_listwise_ties_ragged_trains(loss, llama_path, tokenizer, tmp_path):
     assert any(key.startswith("loss/") for key in logs[-1])
     assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"]
     assert logs[-1]["rewards/accuracies"] >= logs[0]["rewards/accuracies"]
+
+
+def test_packed_equals_unpacked(llama_path, tokenizer, tmp_path):
+    rows = ranked_rows()
+    trainers = {}
+    for mode in ("on", "off"):
+        args = train_args(ListwiseConfig, tmp_path, loss="smpro", per_device_train_batch_size=3, pack_prompts=mode,
+                          max_length=16)  # truncation: completions lose their tail, 2 prompts fill 16 tokens
+        trainers[mode] = ListwiseTrainer(model=load(llama_path), args=args, train_dataset=Dataset.from_list(rows),
+                                         processing_class=tokenizer)
+        perturb(trainers[mode].model)
+        assert len(trainers[mode].train_dataset) == 4
+    assert trainers["on"].data_collator.pack and not trainers["off"].data_collator.pack
+    packed_loss, packed_grads = first_step(trainers["on"])
+    loss, grads = first_step(trainers["off"])
+    assert_close_relative(packed_loss, loss, 1e-5, "packed loss")
+    for name in grads:
+        assert_close_relative(packed_grads[name], grads[name], 1e-5, name)
 
 
 def test_precomputed_reference_matches_live_reference(llama_path, tokenizer, tmp_path):

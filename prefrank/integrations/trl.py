@@ -75,17 +75,18 @@ except ImportError as error:  # pragma: no cover - exercised by a subprocess tes
         f"prefrank.integrations.trl needs TRL and its dependencies ({error}): pip install trl==1.16.0 "
         "(the version this integration is tested with)") from error
 
-from prefrank import _options, losses
+from prefrank import _options, losses, packing
 from prefrank.ops import linear_sequence_logprobs
 
 __all__ = ["LOSSES", "DataCollatorForRankedCompletions", "DataCollatorForVisionRankedCompletions",
            "ListwiseConfig", "ListwiseTrainer", "check_ranked_rows"]
 
 LOSSES = ("dpo", "plackett_luce", "sdpo", "smpro")
+PACK_PROMPTS = ("auto", "on", "off")
 REQUIRED_COLUMNS = ("prompt", "completions", "ranks")
 IGNORE_INDEX = -100
 # batch entries that are not model inputs
-_BATCH_KEYS = ("completion_mask", "levels", "ref_logps")
+_BATCH_KEYS = ("completion_mask", "completion_tokens", "levels", "ref_logps", "packed")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -104,6 +105,11 @@ class ListwiseConfig(DPOConfig):
             denominators). ``None`` = all.
         network, relaxation, steepness: the relaxed sorting network of ``"smpro"``.
         anchor_weight: weight of SMPRO's anchor term (pushes the best completions above the reference).
+        pack_prompts: ``"auto"`` (default): text rows are packed with ``prefrank.packing`` — each prompt once,
+            followed by its K completions, one row per prompt — when ``prefrank.packing.check_model`` accepts
+            the model (sdpa/eager/flex attention, 1-D positions), unpacked otherwise; ``"on"``: packed or
+            ValueError; ``"off"``: K rows ``[prompt, completion_k]`` per prompt. Same log-probs either way.
+            Vision rows run unpacked.
 
     ``loss_type`` / ``label_smoothing`` apply to ``loss="dpo"`` only (one of sigmoid, hinge, ipo, robust).
     Not supported (ValueError): ``ld_alpha``, ``use_weighting``, ``loss_weights``, a non-default
@@ -120,11 +126,15 @@ class ListwiseConfig(DPOConfig):
                                                         "choices": list(_options.names(_options.Relaxation))})
     steepness: float = field(default=10.0, metadata={"help": "SMPRO sorting-network steepness."})
     anchor_weight: float = field(default=1.0, metadata={"help": "SMPRO anchor term weight."})
+    pack_prompts: str = field(default="auto", metadata={"help": "Shared-prompt packing of text rows.",
+                                                        "choices": list(PACK_PROMPTS)})
 
     def __post_init__(self):
         super().__post_init__()
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.pack_prompts not in PACK_PROMPTS:
+            raise ValueError(f"pack_prompts must be one of {PACK_PROMPTS}, got {self.pack_prompts!r}")
         _options.code(_options.Ties, "ties", self.ties)
         _options.code(_options.Network, "network", self.network)
         _options.code(_options.Relaxation, "relaxation", self.relaxation)
@@ -245,43 +255,60 @@ def _levels(ranks_per_row: list[list[int]]) -> torch.Tensor:
 
 @dataclass
 class DataCollatorForRankedCompletions(DataCollatorMixin):
-    """Pads tokenised ranked rows into one batch of ``N = Σ_b K_b`` sequences ``prompt_b + completion_{b,k}``.
+    """Batches tokenised ranked rows: each example holds ``prompt_ids``, ``completion_ids`` (K lists) and
+    ``ranks`` (K ints), optionally ``ref_logps`` (K floats). Every ``prompt + completion`` is truncated to
+    ``max_length`` (keep the start), as TRL's ``DataCollatorForPreference`` does.
 
-    Each example holds ``prompt_ids``, ``completion_ids`` (K lists) and ``ranks`` (K ints), optionally
-    ``ref_logps`` (K floats). Returns ``input_ids``, ``attention_mask``, ``completion_mask`` (N, T), right
-    padded, row n = the n-th valid slot of ``levels`` (B, K_max) in row-major order (-1 = padding slot), and
-    ``ref_logps`` (B, K_max) when given. Sequences are truncated to ``max_length`` (keep the start), as TRL's
-    ``DataCollatorForPreference`` does.
+    Unpacked (``pack=False``): ``N = Σ_b K_b`` right-padded sequences ``prompt_b + completion_{b,k}`` —
+    ``input_ids``, ``attention_mask``, ``completion_mask`` (N, T), row n = the n-th valid slot of ``levels`` in
+    row-major order. Packed (``pack=True``): ``packed``, a ``prefrank.packing.PackedPrompts`` (one row per
+    prompt, then its completions). Both: ``levels`` (B, K_max) dense rank levels (-1 = padding slot),
+    ``completion_tokens`` (B, K_max) and ``ref_logps`` (B, K_max) when given.
     """
 
     pad_token_id: int
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
+    pack: bool = False
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        sequences, completion_masks = [], []
         for i, example in enumerate(examples):
             if len(example["ranks"]) != len(example["completion_ids"]):
                 raise ValueError(f"batch example {i}: column 'ranks' has {len(example['ranks'])} entries for "
                                  f"{len(example['completion_ids'])} completions")
+        output = self._packed(examples) if self.pack else self._unpacked(examples)
+        output["levels"] = _levels([example["ranks"] for example in examples])
+        if "ref_logps" in examples[0]:
+            output["ref_logps"] = _ref_grid([example["ref_logps"] for example in examples], output["levels"])
+        return output
+
+    def _packed(self, examples):
+        budget = None if self.max_length is None else lambda e: self.max_length - len(e["prompt_ids"])
+        completions = [[c if budget is None else c[:budget(e)] for c in e["completion_ids"]] for e in examples]
+        packed = packing.pack_shared_prompt([e["prompt_ids"] for e in examples], completions,
+                                            pad_token_id=self.pad_token_id, ignore_index=IGNORE_INDEX)
+        return {"packed": packed, "completion_tokens": packed.response_lengths}
+
+    def _unpacked(self, examples):
+        sequences, completion_masks = [], []
+        for example in examples:
             for completion in example["completion_ids"]:
                 ids = example["prompt_ids"] + completion
                 mask = [0] * len(example["prompt_ids"]) + [1] * len(completion)
                 sequences.append(ids[:self.max_length])
                 completion_masks.append(mask[:self.max_length])
-        output = {
+        levels = _levels([example["ranks"] for example in examples])
+        return {
             "input_ids": pad([torch.tensor(s) for s in sequences], padding_value=self.pad_token_id,
                              padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of),
             "attention_mask": pad([torch.ones(len(s), dtype=torch.long) for s in sequences], padding_value=0,
                                   padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of),
             "completion_mask": pad([torch.tensor(m, dtype=torch.long) for m in completion_masks], padding_value=0,
                                    padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of),
-            "levels": _levels([example["ranks"] for example in examples]),
+            "completion_tokens": torch.zeros(levels.shape, dtype=torch.long).masked_scatter(
+                levels >= 0, torch.tensor([sum(m) for m in completion_masks], dtype=torch.long)),
         }
-        if "ref_logps" in examples[0]:
-            output["ref_logps"] = _ref_grid([example["ref_logps"] for example in examples], output["levels"])
-        return output
 
 
 def _ref_grid(ref_logps: list[list[float]], levels: torch.Tensor) -> torch.Tensor:
@@ -343,9 +370,11 @@ class DataCollatorForVisionRankedCompletions(DataCollatorMixin):
         output = dict(processed_prompts)  # the image tensors (pixel_values, image_grid_thw, …)
         for key, value in zip(names, flushed):
             output[key] = value if self.max_length is None else value[:, :self.max_length]
-        output["levels"] = _levels([example["ranks"] for example in examples])
+        output["levels"] = levels = _levels([example["ranks"] for example in examples])
+        output["completion_tokens"] = torch.zeros(levels.shape, dtype=torch.long).masked_scatter(
+            levels >= 0, output["completion_mask"].sum(-1))
         if "ref_logps" in examples[0]:
-            output["ref_logps"] = _ref_grid([example["ref_logps"] for example in examples], output["levels"])
+            output["ref_logps"] = _ref_grid([example["ref_logps"] for example in examples], levels)
         return output
 
 
@@ -363,7 +392,9 @@ class SequenceLogpsOutput:
 def add_sequence_logps_head(model: torch.nn.Module) -> None:
     """Patch ``model.forward``: with ``prefrank_labels=labels`` (N, T) (``-100`` = not scored) it runs the
     backbone and returns ``SequenceLogpsOutput(logps)``, logps[n] = Σ_t log p(labels[n, t+1] | ≤ t) from
-    ``linear_sequence_logprobs`` on the final hidden states and the lm-head weight (no full logits).
+    ``linear_sequence_logprobs`` on the final hidden states and the lm-head weight (no full logits). With
+    ``prefrank_packed=packed`` (a ``PackedPrompts`` whose inputs are the call's) it returns the (B, K)
+    log-probs of the packed completions instead.
     Without the keyword the forward is the previous one (generation, TRL's own paths). Going through
     ``model(...)`` keeps DDP/FSDP/DeepSpeed hooks and PEFT adapters in the loop."""
     if getattr(model, "_prefrank_logps_head", False):
@@ -376,13 +407,18 @@ def add_sequence_logps_head(model: torch.nn.Module) -> None:
     previous_forward = model.forward
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, prefrank_labels=None, labels=None, num_items_in_batch=None, **kwargs):
-        if prefrank_labels is None:
+    def forward(self, *args, prefrank_labels=None, prefrank_packed=None, labels=None, num_items_in_batch=None,
+                **kwargs):
+        if prefrank_labels is None and prefrank_packed is None:
             optional = {"labels": labels, "num_items_in_batch": num_items_in_batch}
             return previous_forward(*args, **kwargs, **{k: v for k, v in optional.items() if v is not None})
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         head = self.get_output_embeddings()
+        if prefrank_packed is not None:  # labels already aligned with the hidden states, one slot per completion
+            hidden = hidden if hidden.dtype == head.weight.dtype else hidden.to(head.weight.dtype)
+            return SequenceLogpsOutput(logps=prefrank_packed.linear_sequence_logprobs(
+                hidden, head.weight, bias=head.bias, temperature=1.0 / logit_scale))
         labels = prefrank_labels.to(hidden.device)
         if hidden.shape[1] > labels.shape[1]:  # prompt-learning PEFT prepends virtual tokens
             labels = torch.nn.functional.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)
@@ -447,6 +483,32 @@ class ListwiseTrainer(DPOTrainer):
             raise ValueError("the MoE router auxiliary loss is not supported by ListwiseTrainer; set "
                              "router_aux_loss_coef=0.0")
         self._add_logps_heads()
+        self._setup_packing()
+
+    def _setup_packing(self):
+        """Pack text rows when ``pack_prompts`` asks for it and ``prefrank.packing.check_model`` accepts the
+        policy and the reference model (idempotent)."""
+        collator = self.data_collator
+        if getattr(self, "_packing_decided", False) or not isinstance(collator, DataCollatorForRankedCompletions):
+            if self.args.pack_prompts == "on" and not isinstance(collator, DataCollatorForRankedCompletions):
+                raise ValueError("pack_prompts='on' packs text rows with ListwiseTrainer's own collator; vision "
+                                 "rows and custom collators run unpacked (pack_prompts='auto' or 'off')")
+            return
+        self._packing_decided = True
+        if self.args.pack_prompts == "off":
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        models = [unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped]
+        if self.ref_model is not None:
+            models.append(self.accelerator.unwrap_model(self.ref_model))
+        try:
+            for model in models:
+                packing.check_model(model)
+        except ValueError:
+            if self.args.pack_prompts == "on":
+                raise
+            return
+        collator.pack = True
 
     def _add_logps_heads(self):
         """Patch the policy (the PEFT base model under its adapters) and the reference model (idempotent)."""
@@ -512,6 +574,7 @@ class ListwiseTrainer(DPOTrainer):
         if isinstance(dataset, IterableDataset):
             raise ValueError("precompute_ref_log_probs=True needs a map-style Dataset, not an IterableDataset")
         self._add_logps_heads()  # DPOTrainer.__init__ precomputes before ours returns
+        self._setup_packing()
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
         values = []
         for batch in loader:
@@ -527,6 +590,11 @@ class ListwiseTrainer(DPOTrainer):
 
     def _completion_logps(self, model, inputs) -> torch.Tensor:
         """(B, K_max) summed completion log-probs (0 in padding slots)."""
+        if "packed" in inputs:
+            packed = inputs["packed"].to(self.accelerator.device)
+            dtype = torch.float64 if self.accelerator.unwrap_model(model).dtype == torch.float64 else torch.float32
+            model_kwargs = packed.model_inputs(mask_dtype=dtype, use_cache=False)
+            return model(**model_kwargs, prefrank_packed=packed).logps
         model_kwargs = {k: v for k, v in inputs.items() if k not in _BATCH_KEYS}
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
         logps = model(**model_kwargs, prefrank_labels=labels).logps
@@ -574,10 +642,7 @@ class ListwiseTrainer(DPOTrainer):
         levels = inputs["levels"]
         policy = self._completion_logps(model, inputs)
         ref = inputs["ref_logps"].to(policy) if "ref_logps" in inputs else self._reference_logps(inputs)
-        valid = levels >= 0
-        completion_tokens = torch.zeros(levels.shape, dtype=torch.long, device=levels.device).masked_scatter(
-            valid, inputs["completion_mask"].sum(-1))
-        loss, metrics = self._listwise_loss(policy, ref, levels, completion_tokens)
+        loss, metrics = self._listwise_loss(policy, ref, levels, inputs["completion_tokens"])
         self._log_metrics(mode, metrics, policy.detach(), ref, levels, inputs)
         return (loss, {"logps": policy}) if return_outputs else loss
 
@@ -602,7 +667,8 @@ class ListwiseTrainer(DPOTrainer):
         for level in range(int(levels.max()) + 1):
             self._metrics[mode][f"rewards/group_{level}"].append(rewards[levels == level].mean().item())
         if mode == "train":
-            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            attended = inputs["packed"].owner >= 0 if "packed" in inputs else inputs["attention_mask"]
+            tokens = self.accelerator.gather_for_metrics(attended.sum().to(levels.device)).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
