@@ -339,6 +339,10 @@ def test_float_and_string_ranks_are_rejected(llama_path, tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"train_dataset row 0: column 'ranks'\[0\] must be an int"):
         ListwiseTrainer(model=load(llama_path), args=train_args(ListwiseConfig, tmp_path),
                         train_dataset=integral_floats, processing_class=tokenizer)
+    scalars = Dataset.from_list([{**r, "ranks": 0} for r in ranked_rows()])
+    with pytest.raises(ValueError, match=r"train_dataset row 0: column 'ranks' must be a list of ints"):
+        ListwiseTrainer(model=load(llama_path), args=train_args(ListwiseConfig, tmp_path),
+                        train_dataset=scalars, processing_class=tokenizer)
     strings = Dataset.from_list([{**r, "ranks": [str(x) for x in r["ranks"]]} for r in ranked_rows()])
     with pytest.raises(ValueError, match=r"train_dataset row 0: column 'ranks'\[0\] must be an int"):
         ListwiseTrainer(model=load(llama_path), args=train_args(ListwiseConfig, tmp_path),
@@ -521,3 +525,33 @@ def test_example_script_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss=smpro final: loss=" in result.stdout and "nan" not in result.stdout.lower()
     print(f"example wall time {elapsed:.1f} s")
+
+
+def test_conversational_rows_with_trl_defaults(llama_path, tmp_path):
+    """Conversational rows (chat template), TRL's own defaults for bf16 autocast and gradient checkpointing."""
+    from transformers import AutoTokenizer
+
+    chat = AutoTokenizer.from_pretrained(llama_path)
+    chat.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    rows = [{"prompt": [{"role": "user", "content": p}],
+             "completions": [[{"role": "assistant", "content": c}] for c in (g, b, w)], "ranks": [0, 1, 1]}
+            for p, g, b, w in zip(PROMPTS, GOOD, BAD, WORSE)]
+    args = ListwiseConfig(output_dir=str(tmp_path / "out"), loss="plackett_luce", per_device_train_batch_size=3,
+                          max_steps=2, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+                          disable_tqdm=True)
+    assert args.gradient_checkpointing and args.bf16  # TRL's defaults
+    trainer = ListwiseTrainer(model=load(llama_path), args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=chat)
+    first = trainer.train_dataset[0]
+    assert chat.decode(first["prompt_ids"]).startswith("<s>user: The sky is</s><s>assistant")
+    decoded = [chat.decode(ids) for ids in first["completion_ids"]]
+    assert all(text.endswith(c + "</s>") for text, c in zip(decoded, (GOOD[0], BAD[0], WORSE[0]))), decoded
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "rewards/chosen" in entry]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
+    metrics = trainer.evaluate(eval_dataset=Dataset.from_list(rows[3:]))
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/group_1"):
+        assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), (key, metrics)
+    with pytest.raises(ValueError, match="eval row 1: column 'ranks'"):
+        trainer.evaluate(eval_dataset=Dataset.from_list([rows[0], {**rows[1], "ranks": [0, 1]}]))

@@ -225,7 +225,8 @@ def check_ranked_rows(dataset: Dataset | IterableDataset | list[dict], name: str
                              f"ranked row needs {list(REQUIRED_COLUMNS)}, optionally 'images')")
         columns = [c for c in (*REQUIRED_COLUMNS, "images") if c in dataset.column_names]
         # Arrow stores a column with one non-integer rank as float for every row: blame the first such row
-        if dataset.features["ranks"].feature.dtype.startswith("float"):
+        rank_feature = getattr(dataset.features["ranks"], "feature", None)
+        if getattr(rank_feature, "dtype", "").startswith("float"):
             for index, ranks in enumerate(dataset["ranks"]):
                 if ranks is not None and any(float(r) != int(r) for r in ranks if r is not None):
                     raise ValueError(f"{name} row {index}: column 'ranks' must hold ints, got {ranks}")
