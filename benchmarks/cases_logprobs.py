@@ -22,8 +22,9 @@ from benchmarks.harness import Case, compile_static
 from prefrank import ops, reference
 
 IGNORE = -100
-SEQUENCE_SHAPES = ((256, 32000), (4096, 32000), (4096, 151936))   # (tokens = N·T, V)
-LINEAR_SHAPES = ((256, 256, 32000), (2048, 1024, 32000))          # (T, H, V)
+# the shapes first (a run cut short by a time limit has them), then a small step
+SEQUENCE_SHAPES = ((4096, 32000), (4096, 151936), (256, 32000))   # (tokens = N·T, V)
+LINEAR_SHAPES = ((2048, 1024, 32000), (256, 256, 32000))          # (T, H, V)
 QUICK_SEQUENCE_SHAPES = ((64, 512),)
 QUICK_LINEAR_SHAPES = ((32, 16, 256),)
 ROWS = 4
@@ -177,16 +178,19 @@ def _linear_impls(device):
 
 
 def cases(device, quick=False):
-    dtypes = (torch.float32,) if device == "cpu" else (torch.bfloat16, torch.float32)
+    dtypes = (torch.float32,) if device == "cpu" else (torch.float32, torch.bfloat16)
     out = []
     for dtype in dtypes:
         dname = str(dtype).removeprefix("torch.")
-        for tokens, V in QUICK_SEQUENCE_SHAPES if quick else SEQUENCE_SHAPES:
-            for impl, factory, requires in _sequence_impls(device):
-                out.append(Case("sequence_logprobs", f"tokens={tokens},V={V}", dname, impl,
-                                _sequence_make(factory, tokens, V, dtype, device), device, requires=requires))
-        for T, H, V in QUICK_LINEAR_SHAPES if quick else LINEAR_SHAPES:
-            for frozen_head in (False, True):
+        sequence_shapes = QUICK_SEQUENCE_SHAPES if quick else SEQUENCE_SHAPES
+        linear_shapes = QUICK_LINEAR_SHAPES if quick else LINEAR_SHAPES
+        for i in range(max(len(sequence_shapes), len(linear_shapes))):  # the i-th shape of both ops, then the next
+            for tokens, V in sequence_shapes[i:i + 1]:
+                for impl, factory, requires in _sequence_impls(device):
+                    out.append(Case("sequence_logprobs", f"tokens={tokens},V={V}", dname, impl,
+                                    _sequence_make(factory, tokens, V, dtype, device), device, requires=requires))
+            for (T, H, V), frozen_head in [(shape, frozen) for shape in linear_shapes[i:i + 1]
+                                           for frozen in (False, True)]:
                 shape = f"T={T},H={H},V={V},labelled=T/2" + (",frozen lm-head" if frozen_head else "")
                 for impl, factory, requires in _linear_impls(device):
                     out.append(Case("linear_sequence_logprobs", shape, dname, impl,

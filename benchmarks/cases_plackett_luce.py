@@ -14,8 +14,9 @@ import torch
 from benchmarks.harness import Case, compile_static
 from prefrank import ops, reference
 
-RANKING_SHAPES = [(8, 2), (16, 4), (64, 16), (256, 16), (16384, 16), (65536, 4), (1024, 64)]
-TIES_SHAPES = [(8, 4), (64, 16), (256, 16), (16384, 16), (1024, 64)]
+# the shapes first (a run cut short by a time limit has them), then one training step's small lists
+RANKING_SHAPES = [(16384, 16), (256, 16), (65536, 4), (1024, 64), (64, 16), (16, 4), (8, 2)]
+TIES_SHAPES = [(16384, 16), (256, 16), (1024, 64), (64, 16), (8, 4)]
 QUICK_RANKING_SHAPES = [(8, 2), (16, 4)]
 QUICK_TIES_SHAPES = [(8, 4)]
 TIE_LEVELS = 4
@@ -117,9 +118,12 @@ def cases(device, quick=False):
     out = []
     plans = [("ranking", QUICK_RANKING_SHAPES if quick else RANKING_SHAPES)]
     plans += [(f"ties_{rule}", QUICK_TIES_SHAPES if quick else TIES_SHAPES) for rule in ("breslow", "efron")]
-    for mode, shapes in plans:
-        op = "plackett_luce_nll" if mode == "ranking" else f"plackett_luce_nll {mode.replace('_', '=')}"
-        for B, K in shapes:
+    for i in range(max(len(shapes) for _, shapes in plans)):  # i-th shape of every mode, then the next
+        for mode, shapes in plans:
+            if i >= len(shapes):
+                continue
+            B, K = shapes[i]
+            op = "plackett_luce_nll" if mode == "ranking" else f"plackett_luce_nll {mode.replace('_', '=')}"
             for impl, loss, requires in _impls(mode, K):
                 out.append(Case(op, f"B={B},K={K}", "float32", impl, _maker(loss, B, K, mode, device), device,
                                 requires=requires))

@@ -54,7 +54,7 @@ from benchmarks.harness import PREFRANK, default_rtol  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 FIELDS = ["op", "shape", "dtype", "device", "impl", "role", "status", "check", "fwd_ms", "fwd_bwd_ms", "peak_mib",
           "temporaries_mib", "roofline_ms"]
-MIN_ROUNDS, SLOW_MIN_ROUNDS, MAX_ROUNDS = 5, 3, 200
+MIN_ROUNDS, SLOW_MIN_ROUNDS, VERY_SLOW_MIN_ROUNDS, MAX_ROUNDS = 5, 3, 1, 200
 
 
 def case_modules():
@@ -137,12 +137,14 @@ def _batch_ms(fn, calls, device):
 def time_side_by_side(fns, device, budget_s):
     """Median ms per call of each fn, measured in interleaved rounds (one batch of back-to-back calls of each
     fn per round), so that load changes on the machine hit every fn alike. A batch lasts about budget_s/20;
-    each fn gets budget_s of rounds (at least MIN_ROUNDS; SLOW_MIN_ROUNDS when one call exceeds budget_s)."""
+    each fn gets budget_s of rounds (at least MIN_ROUNDS; SLOW_MIN_ROUNDS when one call exceeds budget_s, and
+    VERY_SLOW_MIN_ROUNDS past 10 budget_s: torchsurv's per-list loop at large B, orders of magnitude off)."""
     calls, min_rounds = [], []
     for fn in fns:
         once = _batch_ms(fn, 1, device)  # second call after the check's: compiled, cached, warm
         calls.append(max(1, int(budget_s * 1e3 / 20 / max(once, 1e-3))))
-        min_rounds.append(SLOW_MIN_ROUNDS if once > budget_s * 1e3 else MIN_ROUNDS)
+        min_rounds.append(VERY_SLOW_MIN_ROUNDS if once > 10e3 * budget_s else
+                          SLOW_MIN_ROUNDS if once > 1e3 * budget_s else MIN_ROUNDS)
     times = [[] for _ in fns]
     spent = [0.0 for _ in fns]
     for _ in range(MAX_ROUNDS):
@@ -319,10 +321,11 @@ def read_csv(path):
 
 
 def _groups(rows):
+    """Rows by (op, shape, dtype, device), ops in alphabetical order, shapes in the order they ran."""
     by_key = {}
     for r in rows:
         by_key.setdefault((r["op"], r["shape"], r["dtype"], r["device"]), []).append(r)
-    return by_key
+    return dict(sorted(by_key.items(), key=lambda item: item[0][0]))
 
 
 def strongest_peer(impls):
@@ -464,6 +467,13 @@ def main():
     if filters:  # drop groups where only the always-kept prefrank case matched
         groups = {k: v for k, v in groups.items() if any(any(f in c.name.lower() for f in filters)
                                                          for _, _, c in v)}
+    # round-robin over the modules (each lists its most important shapes first): a run cut short by a time
+    # limit (gpu.sh) still has every family's first groups
+    modules = list(dict.fromkeys(entries[0][0] for entries in groups.values()))
+    rank = {}
+    for key, entries in groups.items():
+        rank[key] = (sum(1 for k in rank if groups[k][0][0] == entries[0][0]), modules.index(entries[0][0]))
+    groups = dict(sorted(groups.items(), key=lambda item: rank[item[0]]))
     rows = []
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
