@@ -30,6 +30,7 @@ QUICK_LINEAR_SHAPES = ((32, 16, 256),)
 ROWS = 4
 
 
+@functools.lru_cache(maxsize=1)  # one copy of a group's logits for all its impls (4096×151936 fp32 is 2.5 GB)
 def _sequence_inputs(tokens, V, dtype, device):
     generator = torch.Generator(device="cpu").manual_seed(0)
     logits = torch.randn(ROWS, tokens // ROWS, V, generator=generator).to(dtype=dtype, device=device)
@@ -67,13 +68,14 @@ def liger_logprobs():
     return fn
 
 
-def _sequence_make(factory, tokens, V, dtype, device):
+def _sequence_make(factory, tokens, V, dtype, device, overwrites=False):
     def make():
         fn = factory()
-        logits, labels = _sequence_inputs(tokens, V, dtype, device)
-        leaf = logits.detach().requires_grad_()
-        # an activation like model(...).logits (inplace_backward refuses leaves); its gradient reaches `leaf`
-        policy_logits = leaf.clone()
+        logits, labels = _sequence_inputs(tokens, V, dtype, device)  # shared: nobody may write into them
+        leaf = logits.detach().requires_grad_()  # the same storage, no copy
+        # an impl that writes its gradient over the logits gets a private activation (inplace_backward refuses
+        # leaves); its gradient reaches `leaf`
+        policy_logits = leaf.clone() if overwrites else leaf
 
         def forward():
             with torch.no_grad():
@@ -152,15 +154,16 @@ def _linear_make(factory, T, H, V, dtype, device, frozen_head=False):
 
 
 def _sequence_impls(device):
-    impls = [("prefrank", lambda: ops.sequence_logprobs, ()),
+    """(impl, factory of fn(logits, labels), modules needed, writes over the logits)."""
+    impls = [("prefrank", lambda: ops.sequence_logprobs, (), False),
              ("prefrank inplace_backward", lambda: functools.partial(ops.sequence_logprobs, inplace_backward=True),
-              ()),
-             ("reference", lambda: reference.sequence_logprobs, ()),
-             ("F.cross_entropy", lambda: cross_entropy_logprobs, ()),
-             ("trl selective_log_softmax", lambda: trl_logprobs, ("trl",)),
-             ("torch.compile naive", lambda: compile_static(naive_sequence_logprobs), ())]
+              (), True),
+             ("reference", lambda: reference.sequence_logprobs, (), False),
+             ("F.cross_entropy", lambda: cross_entropy_logprobs, (), False),
+             ("trl selective_log_softmax", lambda: trl_logprobs, ("trl",), False),
+             ("torch.compile naive", lambda: compile_static(naive_sequence_logprobs), (), False)]
     if device == "cuda":
-        impls.append(("liger cross_entropy", liger_logprobs, ("liger_kernel",)))
+        impls.append(("liger cross_entropy", liger_logprobs, ("liger_kernel",), True))
     return impls
 
 
@@ -186,9 +189,10 @@ def cases(device, quick=False):
         linear_shapes = QUICK_LINEAR_SHAPES if quick else LINEAR_SHAPES
         for i in range(max(len(sequence_shapes), len(linear_shapes))):  # the i-th shape of both ops, then the next
             for tokens, V in sequence_shapes[i:i + 1]:
-                for impl, factory, requires in _sequence_impls(device):
+                for impl, factory, requires, overwrites in _sequence_impls(device):
                     out.append(Case("sequence_logprobs", f"tokens={tokens},V={V}", dname, impl,
-                                    _sequence_make(factory, tokens, V, dtype, device), device, requires=requires))
+                                    _sequence_make(factory, tokens, V, dtype, device, overwrites), device,
+                                    requires=requires))
             for (T, H, V), frozen_head in [(shape, frozen) for shape in linear_shapes[i:i + 1]
                                            for frozen in (False, True)]:
                 shape = f"T={T},H={H},V={V},labelled=T/2" + (",frozen lm-head" if frozen_head else "")

@@ -62,9 +62,14 @@ def case_modules():
 
 
 def module_cases(name, device, quick=False):
+    """The module's cases; with quick, its tiny shapes (a module without a ``quick`` parameter has none: it
+    is left out of a quick run, which must stay fast)."""
     module = importlib.import_module(f"benchmarks.{name}")
     if "quick" in inspect.signature(module.cases).parameters:
         return module.cases(device, quick=quick)
+    if quick:
+        print(f"{name}: cases() takes no quick=, left out of this --quick run", flush=True)
+        return []
     return module.cases(device)
 
 
@@ -188,7 +193,7 @@ def peak_extra_bytes(forward_backward, device):
     return peak, max(retained, 0)
 
 
-def measure_peak_subprocess(module, index, device, quick):
+def measure_peak(module, index, device, quick=False):
     # a fixed mmap threshold makes glibc return every large freed block, so the resident set tracks what
     # is live instead of what the allocator kept
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -241,7 +246,9 @@ def _row(case, status, check="", **values):
 
 
 def _error(err):
-    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+    """One line for a table cell: the exception's type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def run_group(entries, args):
@@ -296,7 +303,7 @@ def run_group(entries, args):
             if args.memory == "inprocess":
                 peak, retained = peak_extra_bytes(closures[1], args.device)
             else:
-                peak, retained = measure_peak_subprocess(module, index, args.device, args.quick)
+                peak, retained = measure_peak(module, index, args.device, args.quick)
             rows[case.impl].update(peak_mib=peak / 2**20, temporaries_mib=max(peak - retained, 0) / 2**20)
         except Exception as err:
             rows[case.impl]["check"] += f"; memory not measured ({_error(err)})"
