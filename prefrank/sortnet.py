@@ -53,11 +53,12 @@ TRITON_MAX_N = 512
 
 
 def _real(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # torch.compile(dynamic=True) passes float arguments as SymFloats: comparisons (guards) work on both
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return value
 
 
 def _check_options(network, relaxation, steepness, art_lambda):
