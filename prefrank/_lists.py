@@ -62,7 +62,8 @@ def item_levels(shape: torch.Size, device: torch.device, *, groups: torch.Tensor
     (items already best-first).
     """
     if groups is not None:
-        keys, valid = groups, groups >= 0
+        keys = groups.to(torch.int64)
+        valid = keys >= 0
     elif ranking is not None:
         keys = ranking_places(ranking)
         valid = keys >= 0
@@ -82,6 +83,7 @@ def first_list(bad: torch.Tensor) -> int:
 
 def check_groups(name: str, groups: torch.Tensor) -> None:
     """ValueError naming ``name`` if a level is below -1 (a data check)."""
+    groups = groups.to(torch.int64)   # compared in int64: -1 as a uint8 would be 255
     bad = groups < -1
     if bad.any():
         raise ValueError(f"{name} must hold levels >= 0, or -1 for padding; list {first_list(bad)} "

@@ -258,14 +258,16 @@ def _dpo_losses(h: Tensor, beta: float, loss_type: str, label_smoothing: float) 
     −log σ(z) is written softplus(−z) (the same stable function): torch's CPU log_sigmoid launches a parallel
     region even for a handful of elements, which costs milliseconds per call on a busy machine.
     """
-    if loss_type == "sigmoid":
-        return F.softplus(-beta * h) * (1 - label_smoothing) + F.softplus(beta * h) * label_smoothing
     if loss_type == "hinge":
         return torch.relu(1 - beta * h)
     if loss_type == "ipo":
         return (h - 1 / (2 * beta)) ** 2
-    return (F.softplus(-beta * h) * (1 - label_smoothing)
-            - F.softplus(beta * h) * label_smoothing) / (1 - 2 * label_smoothing)
+    loss = F.softplus(-beta * h)
+    if label_smoothing == 0:    # not "+ 0·softplus(βh)": that is NaN for h = +inf (a -inf rejected logp)
+        return loss
+    if loss_type == "sigmoid":
+        return loss * (1 - label_smoothing) + F.softplus(beta * h) * label_smoothing
+    return (loss * (1 - label_smoothing) - F.softplus(beta * h) * label_smoothing) / (1 - 2 * label_smoothing)
 
 
 def _dpo_pairs(names: tuple[str, str, str, str], tensors: tuple[Tensor, ...], acc: torch.dtype,
