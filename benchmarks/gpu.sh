@@ -14,7 +14,9 @@
 # Every step has a time limit and a failing step is recorded in the report while the next ones still run; the
 # whole script stays within GPU_SH_BUDGET_S seconds (default 450: the benchmark step gets what is left).
 # Knobs: GPU_SH_TESTS (pytest paths, default "tests"), GPU_SH_BENCH_ARGS (extra benchmarks/run.py arguments,
-# e.g. case-name filters), GPU_SH_BUDGET_S.
+# e.g. case-name filters), GPU_SH_BUDGET_S, GPU_SH_TIME_BUDGET_S (run.py --budget-s: seconds of timing per
+# implementation and pass, default 0.25), MAX_JOBS (parallel compile jobs, default nproc). The benchmarks run
+# the most important shapes of every family first, so a run cut off by the budget still has the headline rows.
 # --cpu: no nvidia-smi, CPU-only build (PREFRANK_CUDA=0), `pytest -m cuda` (every test skips without a GPU), and
 # the benchmarks on the CPU in --quick mode (tiny shapes): it checks the script, it measures nothing.
 set -uo pipefail
