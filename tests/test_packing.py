@@ -364,3 +364,65 @@ def test_float64_logits_need_a_float64_mask():
         packed.sequence_logprobs(logits)
     assert packed.model_inputs(mask_dtype=torch.float64)["attention_mask"].dtype == torch.float64
     packed.sequence_logprobs(logits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer: packed by default for the methods whose responses share their prompt, same step either way
+# ---------------------------------------------------------------------------------------------------------
+
+def _trainer(tmp_path, method, pack, **overrides):
+    from prefrank.train.config import TrainConfig
+    from prefrank.train.loop import Trainer
+
+    values = dict(method=method, out=str(tmp_path / f"{method}-{pack}"), steps=2, batch_size=4, num_train=8,
+                  num_eval=4, num_negatives=2, lr=1e-2, progress=False, pack_prompts=pack)
+    values.update(overrides)
+    return Trainer(TrainConfig(**values))
+
+
+@pytest.mark.parametrize("method, reference", [("listwise", "model"), ("smpro", "precomputed"),
+                                               ("dpo", "model"), ("sft", "model")])
+def test_trainer_steps_equal_packed_and_unpacked(tmp_path, capsys, method, reference):
+    """Step-1 loss and gradient norm equal with packing on and off; step 2 (policy ≠ reference after one
+    AdamW step, so the rewards and the loss are not constants) too. Reference model or precomputed."""
+    packed = _trainer(tmp_path, method, "auto", reference=reference)
+    assert packed.packed
+    assert f"{method} runs packed" in capsys.readouterr().out
+    unpacked = _trainer(tmp_path, method, "off", reference=reference)
+    assert not unpacked.packed
+    assert f"{method} runs unpacked (pack_prompts='off')" in capsys.readouterr().out
+    for _ in range(2):
+        on, off = packed.train_step(), unpacked.train_step()
+        assert on.keys() == off.keys()
+        for key in on:
+            assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-6), key
+    # (the weights themselves are not compared: AdamW's first step divides by |g|, so a parameter whose
+    # exact gradient is 0 — CLIP's key bias — moves by rounding noise, differently in either layout)
+
+
+def test_trainer_misp_dpo_stays_unpacked(tmp_path, capsys):
+    trainer = _trainer(tmp_path, "misp_dpo", "on")
+    assert not trainer.packed
+    assert "misp_dpo runs unpacked (misp_dpo scores one response under several images" in capsys.readouterr().out
+    assert trainer.train_step()["grad_norm"] > 0
+
+
+def test_trainer_pack_on_raises_for_a_model_that_cannot(tmp_path, monkeypatch):
+    from prefrank.train import loop
+
+    def refuse(model):
+        raise ValueError(f"{type(model).__name__} runs attn_implementation='flash_attention_2'")
+
+    monkeypatch.setattr(loop, "check_model", refuse)
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        _trainer(tmp_path, "listwise", "on")
+    assert not _trainer(tmp_path, "listwise", "auto").packed  # auto falls back, saying why
+
+
+def test_pack_prompts_flag():
+    from prefrank.train.config import parse_args
+
+    assert parse_args(["--method", "smpro"]).pack_prompts == "auto"
+    assert parse_args(["--method", "smpro", "--pack-prompts", "off"]).pack_prompts == "off"
+    with pytest.raises(SystemExit):
+        parse_args(["--pack-prompts", "maybe"])
