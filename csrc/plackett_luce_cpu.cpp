@@ -91,6 +91,10 @@ constexpr int64_t kGrainItems = 16384;  // items per parallel task: amortises th
 // recomputed by the per-list code, which implements those cases).
 // ---------------------------------------------------------------------------------------------------------
 namespace fast {
+// Without trapping math GCC if-converts the selects below and vectorises the lane loops (nothing here
+// relies on floating-point exceptions).
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
 
 constexpr int64_t kLanes = 16;
 constexpr float kExpFloor = -87.0f;  // e^x below it is taken as 0 (< 2e-38, invisible next to sum ≥ 1)
@@ -257,6 +261,8 @@ bool load_lane(const Batch& batch, const scalar_t* s, int64_t sb, int64_t sk, in
 bool applies(const Batch& batch, at::ScalarType dtype) {
   return dtype != at::kDouble && batch.mask == nullptr && batch.mode != pl::kByGroups && batch.K > 0;
 }
+
+#pragma GCC pop_options
 
 }  // namespace fast
 

@@ -227,7 +227,8 @@ def _setup_nll(ctx, inputs, output):
 
 def _nll_grad(ctx, grad_nll):
     scores, ranking, groups, mask = ctx.saved_tensors
-    grad = _nll_backward_op(grad_nll, scores, ranking, groups, mask, *ctx.options)
+    grad = torch.ops.prefrank.plackett_luce_nll_backward.default(grad_nll, scores, ranking, groups, mask,
+                                                                 *ctx.options)
     return grad, None, None, None, None, None, None
 
 
@@ -322,8 +323,9 @@ def plackett_luce_nll(scores: torch.Tensor, *, ranking: torch.Tensor | None = No
         lists = math.prod(batch_shape)
         scores_l, ranking_l, groups_l, mask_l = (
             None if t is None else t.reshape(lists, K) for t in (scores_l, ranking_l, groups_l, mask_l))
-    nll = _nll_op(scores_l, ranking_l, groups_l, mask_l, -1 if top_k is None else top_k, ties_code,
-                  impl == "triton")
+    # the OpOverload directly: the same op as _nll_op(...), minus a Python wrapper layer per call
+    nll = torch.ops.prefrank.plackett_luce_nll.default(scores_l, ranking_l, groups_l, mask_l,
+                                                       -1 if top_k is None else top_k, ties_code, impl == "triton")
     if _checks.data_checks_enabled(scores_l) and nll.isnan().any():
         check_values(scores_l, ranking_l, groups_l, mask_l)
         raise RuntimeError("prefrank.plackett_luce_nll returned NaN for inputs that pass its checks: please "
