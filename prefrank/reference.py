@@ -2,8 +2,9 @@
 
 Written for clarity, not speed: each follows the defining formula directly, runs in float64 when given
 float64 (so ``torch.autograd.gradcheck`` applies) and is differentiable by autograd. Inputs are assumed
-valid (``prefrank.ops`` validates before dispatching here). Results are float32 for fp32/fp16/bf16 inputs
-and float64 for float64 inputs, like the kernels.
+valid (``prefrank.ops`` validates before dispatching here), except ``plackett_luce_nll``, which checks its
+arguments exactly like the op. Results are float32 for fp32/fp16/bf16 inputs and float64 for float64
+inputs, like the kernels.
 """
 
 import torch
@@ -39,7 +40,25 @@ def _pl_item_levels(scores, ranking, groups, mask):
 
 def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=None, ties="breslow", dim=-1,
                       reduction="none"):
+    """The oracle of ``prefrank.ops.plackett_luce_nll``, with the same argument and value checks (the same
+    ValueError/TypeError for bad input; value checks where ``prefrank._checks.data_checks_enabled``)."""
+    from prefrank import _checks, plackett_luce
+
+    s, r, g, m, _ = plackett_luce.checked_arguments(scores, ranking, groups, mask, top_k, ties, dim, reduction)
+    if _checks.data_checks_enabled(s, r, g, m):
+        plackett_luce.check_values(s, r, g, m)
+    nll = plackett_luce_nll_unchecked(s, ranking=r, groups=g, mask=m, top_k=top_k, ties=ties)
+    if reduction == "sum":
+        return nll.sum()
+    if reduction == "mean":
+        return nll.mean()
+    return nll
+
+
+def plackett_luce_nll_unchecked(scores, *, ranking=None, groups=None, mask=None, top_k=None, ties="breslow"):
     """Plackett-Luce / Cox partial-likelihood NLL by its definition over dense risk sets (O(K²) per list).
+
+    Inputs valid and item axis last; returns the per-list NLL.
 
     For every valid item i with level g(i): risk set R(i) = {j valid: g(j) ≥ g(i)}, its group
     G(i) = {j valid: g(j) = g(i)} of size d, and ℓ(i) = its index inside G(i). The NLL is
@@ -51,14 +70,17 @@ def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=Non
     scores: log(|R(i)| − ℓ(i)) (Efron) or log|R(i)| (Breslow). See ``prefrank.ops.plackett_luce_nll``.
     """
     acc = _accumulation_dtype(scores)
-    s = scores.movedim(dim, -1).to(acc)
-    move = lambda t: None if t is None else t.movedim(dim, -1)  # noqa: E731
-    level, valid = _pl_item_levels(s, move(ranking), move(groups), move(mask))
+    level, valid = _pl_item_levels(scores, ranking, groups, mask)
+    s = torch.where(valid, scores.to(acc), 0.0)  # padding takes no part (NaN there must not leak into grads)
 
     li, lj = level[..., :, None], level[..., None, :]
     vj = valid[..., None, :]
-    in_risk = vj & (lj >= li)                                   # [.., i, j]: j in R(i)
-    in_group = vj & (lj == li)                                  # j in G(i)
+    # rows of padding items are dropped at the end; they get the item itself as risk set and group, so no
+    # empty log-sum-exp (NaN in the backward, also under the where) is ever formed
+    itself = torch.eye(s.shape[-1], dtype=torch.bool, device=s.device)
+    vi = valid[..., :, None]
+    in_risk = torch.where(vi, vj & (lj >= li), itself)          # [.., i, j]: j in R(i)
+    in_group = torch.where(vi, vj & (lj == li), itself)         # j in G(i)
     earlier_in_group = in_group & torch.ones_like(in_group).tril(-1).bool()
     group_size = in_group.sum(-1).to(acc)
     tie_index = earlier_in_group.sum(-1).to(acc)
@@ -81,12 +103,7 @@ def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=Non
     term = -s + log_risk + torch.log1p(-c * torch.exp(log_group - log_risk))
     limit = torch.log((n_risk - (tie_index if ties == "efron" else 0.0)).clamp(min=1))
     term = torch.where(zero_strength, limit, term)
-    nll = torch.where(scored, term, torch.zeros_like(term)).sum(-1)
-    if reduction == "sum":
-        return nll.sum()
-    if reduction == "mean":
-        return nll.mean()
-    return nll
+    return torch.where(scored, term, torch.zeros_like(term)).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------------------------
