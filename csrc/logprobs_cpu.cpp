@@ -1,4 +1,6 @@
-// Sequence log-probs: operator schemas and CPU kernels (one token = one vocabulary row per task item).
+// Sequence log-probs: CPU kernels of the private `prefrank_C` library (one token = one vocabulary row per task
+// item). Users never call these: the public ops are the torch.library.custom_ops of prefrank/logprobs.py,
+// whose cpu kernels call torch.ops.prefrank_C.sequence_logprobs_{fwd,bwd,bwd_}.
 //
 // Forward, per token t with label y != ignore_index, z = logits[t, :] / temperature:
 //     lse_t = log Σ_v exp(z_v),   logp_t = z_y − lse_t          (0 and 0 for ignored tokens)
@@ -121,7 +123,11 @@ std::tuple<at::Tensor, at::Tensor> sequence_logprobs_fwd_cpu(const at::Tensor& l
           out_lse[n] = 0;
           continue;
         }
-        TORCH_CHECK(label >= 0 && label < L.V, "sequence_logprobs: label ", label, " outside [0, ", L.V, ")");
+        if (label < 0 || label >= L.V) {  // never read out of bounds (the Python layer raises on CPU data)
+          out_logp[n] = std::numeric_limits<acc_t>::quiet_NaN();
+          out_lse[n] = std::numeric_limits<acc_t>::quiet_NaN();
+          continue;
+        }
         const raw_t* row = x + (n / L.T) * L.stride_b + (n % L.T) * L.stride_t;
         const acc_t row_lse_value = row_lse<scalar_t>(row, L.V, inv_temp);
         out_lse[n] = row_lse_value;
@@ -163,7 +169,10 @@ void backward_into(const at::Tensor& grad_logp, const at::Tensor& logits, const 
           std::fill(out_row, out_row + L.V, raw_t(0));  // +0.0 in every format
           continue;
         }
-        TORCH_CHECK(label >= 0 && label < L.V, "sequence_logprobs: label ", label, " outside [0, ", L.V, ")");
+        if (label < 0 || label >= L.V) {  // NaN gradient row, no out-of-bounds access
+          std::fill(out_row, out_row + L.V, E::store(std::numeric_limits<acc_t>::quiet_NaN()));
+          continue;
+        }
         row_grad<scalar_t>(x + b * L.stride_b + t * L.stride_t, out_row, L.V, label, inv_temp, lp[n],
                         gp[n] * inv_temp);
       }
@@ -186,7 +195,7 @@ void sequence_logprobs_bwd_inplace_cpu(const at::Tensor& grad_logp, at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(prefrank, m) {
+TORCH_LIBRARY_FRAGMENT(prefrank_C, m) {
   m.def("sequence_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index, float temperature) -> "
         "(Tensor, Tensor)");
   m.def("sequence_logprobs_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index, "
@@ -195,7 +204,7 @@ TORCH_LIBRARY_FRAGMENT(prefrank, m) {
         "int ignore_index, float temperature) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(prefrank, CPU, m) {
+TORCH_LIBRARY_IMPL(prefrank_C, CPU, m) {
   m.impl("sequence_logprobs_fwd", &sequence_logprobs_fwd_cpu);
   m.impl("sequence_logprobs_bwd", &sequence_logprobs_bwd_cpu);
   m.impl("sequence_logprobs_bwd_", &sequence_logprobs_bwd_inplace_cpu);

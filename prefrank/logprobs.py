@@ -1,27 +1,63 @@
-"""Sequence log-probabilities: argument handling, dispatch, reductions and autograd registration.
+"""Sequence log-probabilities (``sequence_logprobs``) and the fused lm-head (``linear_sequence_logprobs``).
 
-The kernels compute per-token results on a canonical ``(rows, T, V)`` view of the logits (no copy for the
-usual layouts, ``logits[:, :-1]`` included) with ``labels`` ``(rows, T)`` int64 where tokens to skip carry
-``ignore_index``:
+Op layer (the team's one pattern, issue #11). Every kernel op is a ``torch.library.custom_op`` under
+``torch.ops.prefrank`` with a cpu kernel, a cuda kernel, a fake kernel and ``register_autograd``; each
+backward is itself such an op. The public functions below are thin validate-then-call wrappers.
 
-- ``prefrank::sequence_logprobs_fwd`` → per-token logp and log-sum-exp (0 for skipped tokens; the lse is the
-  only thing kept for backward besides the inputs);
-- ``prefrank::sequence_logprobs_bwd`` → grad_logits in the logits' dtype from a per-token gradient;
-- ``prefrank::sequence_logprobs_bwd_`` → the same written over the logits (lm-head chunks only).
+===================================  ====================================================================
+op                                   what it computes
+===================================  ====================================================================
+``sequence_logprobs_fwd``            per-token (logp, lse) of a ``(rows, T, V)`` logits view; its autograd
+                                     calls ``sequence_logprobs_bwd`` (a new gradient buffer) or, with
+                                     ``inplace_backward=True``, ``sequence_logprobs_bwd_``
+``sequence_logprobs_bwd``            grad_logits in the logits' dtype from a per-token gradient
+``sequence_logprobs_bwd_``           the same written over the logits (``mutates_args=("logits",)``): the
+                                     in-place variant is a flag of the forward op that selects this
+                                     mutating backward op, so it stays one pattern
+``linear_sequence_logprobs_fwd``     per-token (logp, lse) of ``hidden @ weight.T + bias`` over the
+                                     labelled tokens, chunked, plus what its backward needs
+``linear_sequence_logprobs_bwd``     grad_hidden, grad_weight, grad_bias from the kept or recomputed logits
+``linear_sequence_logprobs_bwd_``    the same turning the kept logits into the gradient in place
+                                     (``mutates_args=("saved",)``); the eager backward picks it when the
+                                     graph is not retained (torch.compile's "donated buffer" rule), so
+                                     ``retain_graph=True`` and gradcheck still work
+===================================  ====================================================================
 
-CPU tensors run the C++ kernels (csrc/logprobs_cpu.cpp); CUDA tensors the Triton kernels
-(triton_kernels/logprobs.py), registered as the CUDA implementation of the same ops; backend "triton" runs
-the Triton kernels on CPU tensors too (under TRITON_INTERPRET=1). Per-token values are reduced to
-per-sequence or per-segment sums here with deterministic torch ops on the tiny ``(tokens,)`` vector, whose
-autograd maps the per-sequence gradient back to tokens (g[segment]).
+Which kernel runs (``impl=`` per call, default from :mod:`prefrank.backend`):
+
+- ``impl="reference"``: :mod:`prefrank.reference` (pure PyTorch, differentiable, no custom op);
+- ``impl="auto"``, CPU tensors: the C++ kernels ``torch.ops.prefrank_C.sequence_logprobs_{fwd,bwd,bwd_}``
+  (csrc/logprobs_cpu.cpp); the lm-head op runs its GEMMs with torch and these row kernels per chunk;
+- ``impl="auto"``, CUDA tensors: the Triton kernels (triton_kernels/logprobs.py);
+- ``impl="triton"``: the Triton kernels on CPU tensors too (only under ``TRITON_INTERPRET=1``: how CI tests
+  them); the ops carry this as their trailing ``use_triton`` argument.
+
+Data checks (label range, NaN/+inf logits at a labelled token) read values, so they run only where
+:func:`prefrank._checks.data_checks_enabled` allows (CPU tensors eagerly, any device in ``prefrank.debug()``,
+never while compiling) and raise ValueError naming the user's argument. Elsewhere (CUDA by default, or under
+torch.compile) nothing is read back to the host: a label outside ``[0, V)`` gives a NaN log-prob (never an
+out-of-bounds read) and NaN/+inf logits at a labelled token give NaN; a NaN on an ignored token is never
+read. Per-token values are reduced per sequence/segment here with deterministic torch ops on the tiny
+``(tokens,)`` vector, whose autograd maps the per-sequence gradient back to tokens.
+
+Second-order gradients are not implemented: a double backward raises RuntimeError.
 """
 
+import math
+from typing import Literal
+
 import torch
+from torch import Tensor
 
 from prefrank import _checks, _extension, backend, reference
 
 # live logits of one linear_sequence_logprobs chunk, by device (the default chunk_size derives from it)
 CHUNK_BUDGET_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
+# chunk_size=None: the labelled tokens' logits are kept from forward to backward (three GEMMs instead of four)
+# when they fit this budget. On CUDA the recompute costs little next to the memory, so they never are.
+KEEP_LOGITS_BUDGET_BYTES = {"cpu": 1 * 2**30, "cuda": 0}
+
+Reduction = Literal["none", "mean", "sum"]
 
 
 def _acc_dtype(dtype):
@@ -34,93 +70,160 @@ def _triton():
     return kernels
 
 
+def _double_backward_error(name):
+    return RuntimeError(f"double backward of prefrank.{name} is not implemented (second-order gradients of "
+                        f"log-probs are not supported); use impl='reference' for higher-order autograd")
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Kernel entry points without autograd (Triton launchers; the C++ ops are called through torch.ops)
+# Per-token kernels without autograd: the C++ ops (prefrank_C) or the Triton launchers
 # ---------------------------------------------------------------------------------------------------------
 
-def _fwd_triton(logits, labels, ignore_index, temperature):
+def _token_fwd(logits, labels, ignore_index, temperature, use_triton):
+    """(logp, lse) per token of a (rows, T, V) view; labels (rows, T) contiguous int64."""
+    if not use_triton:
+        _extension.require()
+        return torch.ops.prefrank_C.sequence_logprobs_fwd(logits, labels, ignore_index, temperature)
     acc = _acc_dtype(logits.dtype)
     logp = _checks.new_output(labels.shape, dtype=acc, device=logits.device)
     lse = _checks.new_output(labels.shape, dtype=acc, device=logits.device)
-    _triton().forward(logits, labels.contiguous(), ignore_index, temperature, logp, lse)
+    _triton().forward(logits, labels, ignore_index, temperature, logp, lse)
     return logp, lse
 
 
-def _bwd_triton_into(grad_logp, logits, labels, lse, ignore_index, temperature, out):
+def _token_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, out, use_triton):
+    """out (rows, T, V) = d/dlogits; ``out`` may be ``logits`` (each row is read before it is written)."""
     acc = _acc_dtype(logits.dtype)
-    _triton().backward(grad_logp.to(acc).contiguous(), logits, labels.contiguous(), lse.to(acc).contiguous(),
-                       ignore_index, temperature, out)
+    grad_logp = grad_logp.to(acc).contiguous()
+    if not use_triton:
+        _extension.require()
+        if out is logits:
+            torch.ops.prefrank_C.sequence_logprobs_bwd_(grad_logp, logits, labels, lse, ignore_index, temperature)
+        else:
+            out.copy_(torch.ops.prefrank_C.sequence_logprobs_bwd(grad_logp, logits, labels, lse, ignore_index,
+                                                                  temperature))
+        return
+    _triton().backward(grad_logp, logits, labels, lse.to(acc).contiguous(), ignore_index, temperature, out)
 
 
-def _bwd_triton(grad_logp, logits, labels, lse, ignore_index, temperature):
+def _token_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, use_triton):
+    if not use_triton:
+        _extension.require()
+        acc = _acc_dtype(logits.dtype)
+        return torch.ops.prefrank_C.sequence_logprobs_bwd(grad_logp.to(acc).contiguous(), logits, labels, lse,
+                                                          ignore_index, temperature)
     out = _checks.new_output(logits.shape, dtype=logits.dtype, device=logits.device)
-    _bwd_triton_into(grad_logp, logits, labels, lse, ignore_index, temperature, out)
+    _token_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, out, True)
     return out
 
 
-def _bwd_triton_inplace(grad_logp, logits, labels, lse, ignore_index, temperature):
-    _bwd_triton_into(grad_logp, logits, labels, lse, ignore_index, temperature, logits)
+# ---------------------------------------------------------------------------------------------------------
+# Custom ops: sequence_logprobs
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("prefrank::sequence_logprobs_fwd", mutates_args=())
+def _sequence_fwd(logits: Tensor, labels: Tensor, ignore_index: int, temperature: float, inplace_backward: bool,
+                  use_triton: bool) -> tuple[Tensor, Tensor]:
+    """(logp, lse) per token of logits (rows, T, V) (unit stride on V) and labels (rows, T) int64."""
+    raise NotImplementedError(f"prefrank::sequence_logprobs_fwd has no kernel for device {logits.device.type}")
 
 
-def _use_triton(device):
-    return device.type == "cuda" or backend.get_backend() == "triton"
+@_sequence_fwd.register_kernel("cpu")
+def _(logits, labels, ignore_index, temperature, inplace_backward, use_triton):
+    return _token_fwd(logits, labels, ignore_index, temperature, use_triton)
 
 
-def _token_fwd(logits, labels, ignore_index, temperature):
-    """(logp, lse) per token, no autograd: Triton on CUDA / backend "triton", else the C++ op."""
-    if _use_triton(logits.device):
-        return _fwd_triton(logits, labels, ignore_index, temperature)
-    return torch.ops.prefrank.sequence_logprobs_fwd(logits, labels, ignore_index, temperature)
+@_sequence_fwd.register_kernel("cuda")
+def _(logits, labels, ignore_index, temperature, inplace_backward, use_triton):
+    return _token_fwd(logits, labels, ignore_index, temperature, True)
 
 
-def _token_bwd_inplace(grad_logp, logits, labels, lse, ignore_index, temperature):
-    if _use_triton(logits.device):
-        _bwd_triton_inplace(grad_logp, logits, labels, lse, ignore_index, temperature)
-    else:
-        torch.ops.prefrank.sequence_logprobs_bwd_(grad_logp, logits, labels, lse, ignore_index, temperature)
+@_sequence_fwd.register_fake
+def _(logits, labels, ignore_index, temperature, inplace_backward, use_triton):
+    acc = _acc_dtype(logits.dtype)
+    return labels.new_empty(labels.shape, dtype=acc), labels.new_empty(labels.shape, dtype=acc)
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    """Per-token logps through the Python-side launchers, for the two cases the registered op does not cover:
-
-    - backend "triton" on CPU tensors (interpreter): the registered ops would route CPU to C++;
-    - ``inplace_backward=True`` (any device): the backward writes the gradient over the saved logits and
-      returns them. That saves the T×V gradient buffer the default path allocates (the peers' in-place
-      cross-entropy trick). The write bumps the logits' version counter, so anything that still needs the
-      old values (a second backward through this graph, an op that saved the same tensor) raises autograd's
-      "modified by an inplace operation" error instead of reading the gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, temperature, inplace):
-        logp, lse = _token_fwd(logits, labels, ignore_index, temperature)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits, labels, lse)
-        ctx.ignore_index, ctx.temperature, ctx.inplace = ignore_index, temperature, inplace
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        logits, labels, lse = ctx.saved_tensors
-        if not ctx.inplace:  # backend "triton" on CPU tensors
-            grad = _bwd_triton(grad_logp, logits, labels, lse, ctx.ignore_index, ctx.temperature)
-            return grad, None, None, None, None
-        _token_bwd_inplace(grad_logp, logits, labels, lse, ctx.ignore_index, ctx.temperature)  # casts grad_logp
-        torch.autograd.graph.increment_version(logits)
-        return logits, None, None, None, None
+@torch.library.custom_op("prefrank::sequence_logprobs_bwd", mutates_args=())
+def _sequence_bwd(grad_logp: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int,
+                  temperature: float, use_triton: bool) -> Tensor:
+    """d/dlogits (rows, T, V) in the logits' dtype from the per-token gradient grad_logp (rows, T)."""
+    raise NotImplementedError(f"prefrank::sequence_logprobs_bwd has no kernel for device {logits.device.type}")
 
 
-def _token_logprobs(logits, labels, ignore_index, temperature, inplace_backward=False):
-    """Differentiable per-token logps (rows, T) of the canonical layout."""
-    if inplace_backward and logits.requires_grad:
-        if not _use_triton(logits.device):
-            _extension.require()
-        return _TokenLogprobs.apply(logits, labels, ignore_index, temperature, True)
-    if backend.get_backend() == "triton" and logits.device.type != "cuda":
-        return _TokenLogprobs.apply(logits, labels, ignore_index, temperature, False)
-    _extension.require()
-    logp, _ = torch.ops.prefrank.sequence_logprobs_fwd(logits, labels, ignore_index, temperature)
-    return logp
+@_sequence_bwd.register_kernel("cpu")
+def _(grad_logp, logits, labels, lse, ignore_index, temperature, use_triton):
+    return _token_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, use_triton)
+
+
+@_sequence_bwd.register_kernel("cuda")
+def _(grad_logp, logits, labels, lse, ignore_index, temperature, use_triton):
+    return _token_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, True)
+
+
+@_sequence_bwd.register_fake
+def _(grad_logp, logits, labels, lse, ignore_index, temperature, use_triton):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("prefrank::sequence_logprobs_bwd_", mutates_args=("logits",))
+def _sequence_bwd_inplace(grad_logp: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int,
+                          temperature: float, use_triton: bool) -> None:
+    """The backward written over ``logits`` (which then hold d/dlogits)."""
+    raise NotImplementedError(f"prefrank::sequence_logprobs_bwd_ has no kernel for device {logits.device.type}")
+
+
+@_sequence_bwd_inplace.register_kernel("cpu")
+def _(grad_logp, logits, labels, lse, ignore_index, temperature, use_triton):
+    _token_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, logits, use_triton)
+
+
+@_sequence_bwd_inplace.register_kernel("cuda")
+def _(grad_logp, logits, labels, lse, ignore_index, temperature, use_triton):
+    _token_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, logits, True)
+
+
+@_sequence_bwd_inplace.register_fake
+def _(grad_logp, logits, labels, lse, ignore_index, temperature, use_triton):
+    return None
+
+
+def _sequence_setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, temperature, inplace_backward, use_triton = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(logits, labels, lse)
+    ctx.options = (ignore_index, temperature, use_triton)
+    ctx.inplace_backward = inplace_backward
+
+
+def _sequence_backward(ctx, grad_logp, _grad_lse):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    logits, labels, lse = ctx.saved_tensors
+    if ctx.inplace_backward:
+        if torch.is_grad_enabled():  # create_graph=True: the gradient would overwrite what it depends on
+            raise _double_backward_error("sequence_logprobs")
+        # writes over the saved logits and bumps their version: a second use of them raises in autograd
+        torch.ops.prefrank.sequence_logprobs_bwd_(grad_logp, logits, labels, lse, *ctx.options)
+        return logits, None, None, None, None, None
+    grad = torch.ops.prefrank.sequence_logprobs_bwd(grad_logp, logits, labels, lse, *ctx.options)
+    return grad, None, None, None, None, None
+
+
+_sequence_fwd.register_autograd(_sequence_backward, setup_context=_sequence_setup_context)
+
+
+def _no_double_backward_setup(ctx, inputs, output):
+    pass
+
+
+def _sequence_double_backward(ctx, *grads):
+    raise _double_backward_error("sequence_logprobs")
+
+
+_sequence_bwd.register_autograd(_sequence_double_backward, setup_context=_no_double_backward_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -155,14 +258,24 @@ def _check_common(input_name, input, labels, V, segment_ids, num_segments, ignor
             raise TypeError(f"num_segments must be an int, got {type(num_segments).__name__}")
         if num_segments < 0:
             raise ValueError(f"num_segments must be >= 0, got {num_segments}")
-        if not _checks.compiling() and segment_ids.numel() and (
-                (segment_ids < -1) | (segment_ids >= num_segments)).any():
+        if _checks.data_checks_enabled(segment_ids) and segment_ids.numel() and bool(
+                ((segment_ids < -1) | (segment_ids >= num_segments)).any()):
             raise ValueError(f"segment_ids must lie in [0, {num_segments}) or be -1 (skip)")
-    if not _checks.compiling() and labels.numel():
+    if _checks.data_checks_enabled(labels) and labels.numel():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-        if bad.any():
+        if segment_ids is not None:
+            bad &= segment_ids >= 0
+        if bool(bad.any()):
             raise ValueError(f"labels must lie in [0, {V}) (the vocabulary) or equal ignore_index="
                              f"{ignore_index}; got {labels[bad].flatten()[0].item()}")
+
+
+def _check_finite_lse(lse, active, what, tensors):
+    """Data check after the kernel: a labelled token whose lse is not finite had NaN/+inf (or only -inf)."""
+    if _checks.data_checks_enabled(*tensors) and lse.numel() and bool(
+            (active.reshape(-1) & ~torch.isfinite(lse.reshape(-1))).any()):
+        raise ValueError(f"{what} contain NaN or +inf (or only -inf) at a labelled token: its log-prob is "
+                         f"undefined (NaN on an ignored token is never read)")
 
 
 def _effective_labels(labels, segment_ids, ignore_index):
@@ -174,12 +287,13 @@ def _effective_labels(labels, segment_ids, ignore_index):
 
 
 def _segment_sum(values, segment_ids, num_segments):
-    """Σ of values per segment id in [0, num_segments) (-1 skipped), deterministic on every device.
+    """Σ of values per segment id in [0, num_segments) (-1, and out-of-range ids, skipped), deterministic.
 
     Stable sort by segment, fp64 running sum, difference at the segment ends: no float atomics (index_add
     on CUDA would make the result depend on the scheduling). Differentiable in values.
     """
-    key = torch.where(segment_ids >= 0, segment_ids, num_segments).to(torch.int64)
+    inside = (segment_ids >= 0) & (segment_ids < num_segments)  # never an out-of-bounds write on CUDA
+    key = torch.where(inside, segment_ids, num_segments).to(torch.int64)
     order = torch.argsort(key, stable=True)
     running = torch.cat([values.new_zeros(1, dtype=torch.float64),
                          torch.cumsum(values[order].to(torch.float64), 0)])
@@ -208,21 +322,43 @@ def _reduce(token_logp, active, labels_shape, segment_ids, num_segments, reducti
 def _as_rows(logits):
     """(rows, T, V) view of (..., T, V) logits; a copy only when the leading dims cannot be merged."""
     T, V = logits.shape[-2], logits.shape[-1]
+    rows = math.prod(logits.shape[:-2])
     if logits.dim() == 2:
         return logits.unsqueeze(0)
     try:
-        return logits.view(-1, T, V)
+        return logits.view(rows, T, V)
     except RuntimeError:
-        return logits.reshape(-1, T, V)
+        return logits.reshape(rows, T, V)
 
 
-def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ignore_index=-100,
-                      temperature=1.0, reduction="sum", inplace_backward=False):
+def _use_triton(impl, device):
+    if impl == "triton":
+        return True
+    if device.type != "cuda":
+        _extension.require()
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sequence_logprobs
+# ---------------------------------------------------------------------------------------------------------
+
+def sequence_logprobs(logits: Tensor, labels: Tensor, *, segment_ids: Tensor | None = None,
+                      num_segments: int | None = None, ignore_index: int = -100, temperature: float = 1.0,
+                      reduction: Reduction = "sum", inplace_backward: bool = False,
+                      impl: str = "auto") -> Tensor:
     """Σ_t log softmax(logits/temperature)[t, labels[t]] per sequence (or segment), never materialising it.
+
+    Equivalent PyTorch (the oracle, :func:`prefrank.reference.sequence_logprobs`)::
+
+        logp = torch.log_softmax(logits.float() / temperature, -1)
+        keep = labels != ignore_index
+        token = torch.where(keep, logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0], 0.0)
+        out = token.sum(-1)
 
     Args:
         logits: ``(..., T, V)`` float tensor (fp32/fp16/bf16/fp64) with unit stride on V; other strides are
-            free (``logits[:, :-1]`` is read in place, no copy).
+            free (``logits[:, :-1]`` is read in place, no copy). T = 0 or empty leading dims give zeros.
         labels: ``(..., T)`` integer tensor: ``logits[..., t, :]`` scores ``labels[..., t]``; tokens equal to
             ``ignore_index`` are skipped (their logits rows are never read).
         segment_ids: optional ``(..., T)`` integer tensor: token t is summed into output slot
@@ -241,13 +377,26 @@ def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ig
             tensor that requires grad (a parameter) is refused with ValueError. A second backward
             through the same graph, or another op that saved the same logits, then raises autograd's
             "modified by an inplace operation" error. Logits whose leading dims cannot be merged without a
-            copy get their gradient in that copy instead (same result, no saving). Ignored by backend
-            "reference".
+            copy get their gradient in that copy instead (same result, no saving). Ignored by
+            ``impl="reference"``.
+        impl: ``"auto"`` (C++ on CPU, Triton on CUDA, or the :mod:`prefrank.backend` default),
+            ``"reference"`` or ``"triton"`` (see the module docstring).
 
     Returns:
         ``(...)`` (or ``(num_segments,)``, or labels' shape for "none"), float32 for fp32/fp16/bf16 logits
         and float64 for float64 logits. Backward gives d/dlogits in the logits' dtype without any fp32
         ``(…, T, V)`` temporary; nothing is saved when no input requires grad.
+
+    Raises:
+        ValueError: on CPU tensors (and in ``prefrank.debug()``): a label outside ``[0, V)`` other than
+            ``ignore_index``, or NaN/+inf logits at a labelled token. On CUDA by default these give NaN.
+
+    Example::
+
+        >>> logits = torch.randn(2, 5, 11)
+        >>> labels = torch.randint(0, 11, (2, 5))
+        >>> sequence_logprobs(logits, labels).shape
+        torch.Size([2])
     """
     _checks.float_tensor("logits", logits)
     if logits.dim() < 2:
@@ -255,7 +404,7 @@ def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ig
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits has an empty vocabulary dim (V = 0)")
-    if V > 1 and logits.stride(-1) != 1:
+    if V > 1 and logits.stride(-1) != 1 and logits.numel():
         raise ValueError(f"logits must have unit stride on the vocabulary (last) dim, got stride "
                          f"{logits.stride(-1)}; slice other dims freely, or call .contiguous()")
     _check_common("logits", logits, labels, V, segment_ids, num_segments, ignore_index, temperature,
@@ -267,116 +416,295 @@ def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ig
         raise ValueError("inplace_backward=True would write the gradient over logits, which are (a view of) a leaf "
                          "tensor that requires grad, e.g. a parameter; it is meant for activations such as "
                          "model(...).logits (torch refuses in-place ops on such leaves for the same reason)")
-    if backend.get_backend() == "reference":
+    impl = backend.resolve(impl)
+    if impl == "reference":
         return reference.sequence_logprobs(logits, labels, segment_ids=segment_ids, num_segments=num_segments,
                                            ignore_index=ignore_index, temperature=temperature,
                                            reduction=reduction)
+    use_triton = _use_triton(impl, logits.device)
     rows = _as_rows(logits)
     eff_labels, active = _effective_labels(labels, segment_ids, ignore_index)
     eff_labels = eff_labels.reshape(rows.shape[:2]).contiguous()
-    token_logp = _token_logprobs(rows, eff_labels, ignore_index, float(temperature), inplace_backward)
+    token_logp, lse = torch.ops.prefrank.sequence_logprobs_fwd(rows, eff_labels, ignore_index, float(temperature),
+                                                               inplace_backward, use_triton)
+    _check_finite_lse(lse, active, "logits (divided by temperature)", (logits,))
     return _reduce(token_logp.reshape(-1), active, labels.shape, segment_ids, num_segments, reduction)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fused lm-head
+# Fused lm-head: custom ops
 # ---------------------------------------------------------------------------------------------------------
 
-def _chunk_logits(h, weight, bias):
-    return torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+def _chunk_logits(h, weight, bias, out=None):
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
 
 
-class _LinearTokenLogprobs(torch.autograd.Function):
-    """Per-token logps of the labelled tokens h (M, H) under the lm-head (weight (V, H), bias (V,)).
+def _picked_tokens(labels, ignore_index, compact):
+    """Indices of the tokens that meet the lm-head: the labelled ones (CPU), or all of them (``compact`` False:
+    CUDA, where finding them would read a count back to the host; unlabelled rows cost a GEMM row there and
+    the row kernels skip them)."""
+    if compact:
+        return (labels != ignore_index).nonzero().squeeze(1)
+    return None
 
-    Forward keeps only the per-token lse. Backward recomputes each chunk's logits, turns them into
-    G = ∂/∂logits in place, then grad_h = G·W, grad_W += Gᵀ·h and grad_b += Σ G (accumulated in fp32,
-    fp64 for fp64 inputs).
 
-    Frozen lm-head (only h requires grad, e.g. LoRA): G = g·U row by row with U = (onehot − softmax)/τ, so
-    grad_h = g·(U·W). The forward forms U·W (M, H) while each chunk is live and the backward only scales its
-    rows: two GEMMs per chunk instead of three (no recompute), for M·H saved values.
+def _rows(t, picked, s, e):
+    """Rows s:e of the token list: a view without compaction, else an index_select of one chunk only."""
+    return t[s:e] if picked is None else t.index_select(0, picked[s:e])
+
+
+def _keeps_logits(M, V, dtype, device, chunk_size, frozen_head):
+    budget = KEEP_LOGITS_BUDGET_BYTES.get(device.type, 0)
+    return chunk_size == 0 and not frozen_head and M * V * dtype.itemsize <= budget
+
+
+@torch.library.custom_op("prefrank::linear_sequence_logprobs_fwd", mutates_args=())
+def _linear_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+                temperature: float, chunk_size: int, frozen_head: bool,
+                use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64 (ignored: ``ignore_index``).
+
+    Returns logp (N,) and lse (N,) (0 at ignored tokens) and ``saved`` for the backward: the labelled tokens'
+    logits (M, V) when kept (chunk_size 0 = default and they fit KEEP_LOGITS_BUDGET_BYTES), U·W (N, H) for a
+    frozen head, else an empty (0, V) tensor.
     """
+    raise NotImplementedError(f"prefrank::linear_sequence_logprobs_fwd has no kernel for {hidden.device.type}")
 
-    @staticmethod
-    def forward(ctx, h, weight, bias, labels, ignore_index, temperature, chunk):
-        M = h.shape[0]
-        acc = _acc_dtype(h.dtype)
-        ctx.frozen_head = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
-        logp = _checks.new_output((M,), dtype=acc, device=h.device)
-        lse = _checks.new_output((M,), dtype=acc, device=h.device)
-        unit_grad_h = _checks.new_output(h.shape, dtype=h.dtype, device=h.device) if ctx.frozen_head else None
-        for s in range(0, M, chunk):
-            e = min(s + chunk, M)
-            logits = _chunk_logits(h[s:e], weight, bias)
-            lp, ls = _token_fwd(logits.unsqueeze(0), labels[s:e].unsqueeze(0), ignore_index, temperature)
-            logp[s:e] = lp[0]
-            lse[s:e] = ls[0]
-            if ctx.frozen_head:  # U in place over the chunk (unit upstream gradient), then U·W
-                unit = torch.ones((1, e - s), dtype=acc, device=h.device)
-                _token_bwd_inplace(unit, logits.unsqueeze(0), labels[s:e].unsqueeze(0), ls, ignore_index,
-                                   temperature)
-                torch.mm(logits, weight, out=unit_grad_h[s:e])
-            del logits  # free this chunk before the next one is allocated: one chunk live at a time
-        if ctx.frozen_head:
-            ctx.save_for_backward(unit_grad_h)
-        elif any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(h, weight, bias, labels, lse)
-        ctx.ignore_index, ctx.temperature, ctx.chunk = ignore_index, temperature, chunk
-        return logp
 
-    @staticmethod
-    def backward(ctx, grad_logp):
-        if ctx.frozen_head:
-            (unit_grad_h,) = ctx.saved_tensors
-            grad_h = (grad_logp.to(_acc_dtype(unit_grad_h.dtype))[:, None] * unit_grad_h).to(unit_grad_h.dtype)
-            return grad_h, None, None, None, None, None, None
-        h, weight, bias, labels, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = _acc_dtype(h.dtype)
-        grad_h = _checks.new_output(h.shape, dtype=h.dtype, device=h.device) if need_h else None
-        # the first chunk writes grad_w / grad_b, later ones accumulate (no zero fill of a weight-sized buffer)
-        grad_w = _checks.new_output(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = _checks.new_output(bias.shape, dtype=acc, device=bias.device) if need_b else None
-        grad_logp = grad_logp.to(acc).contiguous()
-        M, chunk = h.shape[0], ctx.chunk
-        if M == 0:  # no labelled token: no chunk writes the weight/bias gradients
-            for buffer in (grad_w, grad_b):
-                if buffer is not None:
-                    buffer.zero_()
-        for s in range(0, M, chunk):
-            e = min(s + chunk, M)
-            g = _chunk_logits(h[s:e], weight, bias)  # recomputed logits, turned into the gradient in place
-            _token_bwd_inplace(grad_logp[s:e].unsqueeze(0), g.unsqueeze(0), labels[s:e].unsqueeze(0),
-                               lse[s:e].unsqueeze(0), ctx.ignore_index, ctx.temperature)
-            if need_h:
+def _linear_fwd_impl(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, frozen_head,
+                     use_triton):
+    N, V = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    picked = _picked_tokens(labels, ignore_index, compact=hidden.device.type != "cuda")
+    M = N if picked is None else picked.shape[0]
+    keep = _keeps_logits(M, V, hidden.dtype, hidden.device, chunk_size, frozen_head)
+    chunk = max(1, chunk_size or default_chunk_size(V, hidden.dtype, hidden.device))
+    logp = _checks.new_output((N,), dtype=acc, device=hidden.device)
+    lse = _checks.new_output((N,), dtype=acc, device=hidden.device)
+    if picked is not None:  # unlabelled tokens: logp = lse = 0, never computed
+        logp.zero_()
+        lse.zero_()
+    if keep:
+        saved = torch.empty((M, V), dtype=hidden.dtype, device=hidden.device)
+    elif frozen_head:
+        saved = hidden.new_zeros(hidden.shape) if picked is not None else _checks.new_output(
+            hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    else:
+        saved = hidden.new_empty((0, V))
+    y = labels if picked is None else labels.index_select(0, picked)
+    for s in range(0, M, chunk):
+        e = min(s + chunk, M)
+        logits = _chunk_logits(_rows(hidden, picked, s, e), weight, bias, out=saved[s:e] if keep else None)
+        y_chunk = y[s:e].unsqueeze(0)
+        lp, ls = _token_fwd(logits.unsqueeze(0), y_chunk, ignore_index, temperature, use_triton)
+        if picked is None:
+            logp[s:e], lse[s:e] = lp[0], ls[0]
+        else:
+            logp.index_copy_(0, picked[s:e], lp[0])
+            lse.index_copy_(0, picked[s:e], ls[0])
+        if frozen_head:  # U = (onehot − softmax)/τ in place over the chunk (unit upstream gradient), then U·W
+            unit = torch.ones((1, e - s), dtype=acc, device=hidden.device)
+            _token_bwd_into(unit, logits.unsqueeze(0), y_chunk, ls, ignore_index, temperature, logits.unsqueeze(0),
+                            use_triton)
+            if picked is None:
+                torch.mm(logits, weight, out=saved[s:e])
+            else:
+                saved.index_copy_(0, picked[s:e], torch.mm(logits, weight))
+        del logits  # free this chunk before the next one is allocated: one chunk live at a time
+    return logp, lse, saved
+
+
+@_linear_fwd.register_kernel("cpu")
+def _(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, frozen_head, use_triton):
+    return _linear_fwd_impl(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, frozen_head,
+                            use_triton)
+
+
+@_linear_fwd.register_kernel("cuda")
+def _(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, frozen_head, use_triton):
+    return _linear_fwd_impl(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, frozen_head,
+                            True)
+
+
+@_linear_fwd.register_fake
+def _(hidden, weight, bias, labels, ignore_index, temperature, chunk_size, frozen_head, use_triton):
+    N, V = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    if frozen_head:
+        saved = hidden.new_empty(hidden.shape)
+    elif hidden.device.type == "cuda" or chunk_size != 0:  # never kept
+        saved = hidden.new_empty((0, V))
+    else:  # the labelled tokens' logits, or nothing: a data-dependent row count
+        saved = hidden.new_empty((torch.library.get_ctx().new_dynamic_size(), V))
+    return hidden.new_empty((N,), dtype=acc), hidden.new_empty((N,), dtype=acc), saved
+
+
+@torch.library.custom_op("prefrank::linear_sequence_logprobs_bwd", mutates_args=())
+def _linear_bwd(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                lse: Tensor, saved: Tensor, ignore_index: int, temperature: float, chunk_size: int,
+                need_hidden: bool, need_weight: bool, need_bias: bool,
+                use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_hidden (N, H), grad_weight (V, H), grad_bias (V,)); an empty tensor for a gradient not needed.
+
+    Reads kept logits in ``saved`` (turning one chunk at a time into the gradient in a scratch buffer) or
+    recomputes each chunk's logits."""
+    raise NotImplementedError(f"prefrank::linear_sequence_logprobs_bwd has no kernel for {hidden.device.type}")
+
+
+@torch.library.custom_op("prefrank::linear_sequence_logprobs_bwd_", mutates_args=("saved",))
+def _linear_bwd_inplace(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                        lse: Tensor, saved: Tensor, ignore_index: int, temperature: float, chunk_size: int,
+                        need_hidden: bool, need_weight: bool, need_bias: bool,
+                        use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_linear_bwd` turning the kept logits in ``saved`` into the gradient in place (no scratch)."""
+    raise NotImplementedError(f"prefrank::linear_sequence_logprobs_bwd_ has no kernel for {hidden.device.type}")
+
+
+def _linear_bwd_impl(grad_logp, hidden, weight, bias, labels, lse, saved, ignore_index, temperature, chunk_size,
+                     need_hidden, need_weight, need_bias, use_triton, inplace):
+    acc = _acc_dtype(hidden.dtype)
+    empty = hidden.new_empty((0,))
+    grad_logp = grad_logp.to(acc)
+    N, V = hidden.shape[0], weight.shape[0]
+    picked = _picked_tokens(labels, ignore_index, compact=hidden.device.type != "cuda")
+    M = N if picked is None else picked.shape[0]
+    keep = saved.shape[0] == M and M > 0
+    chunk = max(1, chunk_size or default_chunk_size(V, hidden.dtype, hidden.device))
+    grad_h = empty
+    if need_hidden:
+        grad_h = _checks.new_output(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        if picked is not None:
+            grad_h.zero_()
+    # the first chunk writes grad_w / grad_b, later ones accumulate (no zero fill of a weight-sized buffer)
+    grad_w = _checks.new_output(weight.shape, dtype=acc, device=hidden.device) if need_weight else empty
+    grad_b = _checks.new_output((V,), dtype=acc, device=hidden.device) if need_bias else empty
+    if M == 0:  # no labelled token: no chunk writes the weight/bias gradients
+        grad_w.zero_()
+        grad_b.zero_()
+    y = labels if picked is None else labels.index_select(0, picked)
+    g_tok = grad_logp if picked is None else grad_logp.index_select(0, picked)
+    lse_tok = lse if picked is None else lse.index_select(0, picked)
+    for s in range(0, M, chunk):
+        e = min(s + chunk, M)
+        h_chunk = _rows(hidden, picked, s, e)
+        # G of this chunk: over its recomputed logits, over the kept ones (inplace), or from them into scratch
+        logits = saved[s:e] if keep else _chunk_logits(h_chunk, weight, bias)
+        g = torch.empty_like(logits) if keep and not inplace else logits
+        _token_bwd_into(g_tok[s:e].unsqueeze(0), logits.unsqueeze(0), y[s:e].unsqueeze(0),
+                        lse_tok[s:e].unsqueeze(0), ignore_index, temperature, g.unsqueeze(0), use_triton)
+        del logits
+        if need_hidden:
+            if picked is None:
                 torch.mm(g, weight, out=grad_h[s:e])
-            if need_w:  # fp16/bf16: this chunk's product in fp32 (bounded by the chunk), summed in fp32
-                g_t, h_chunk = (g.t(), h[s:e]) if g.dtype == acc else (g.t().to(acc), h[s:e].to(acc))
-                if s == 0:
-                    torch.mm(g_t, h_chunk, out=grad_w)
-                else:
-                    grad_w.addmm_(g_t, h_chunk)
-            if need_b:
-                if s == 0:
-                    torch.sum(g, 0, dtype=acc, out=grad_b)
-                else:
-                    grad_b += g.sum(0, dtype=acc)
-            del g  # one chunk live at a time
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+            else:
+                grad_h.index_copy_(0, picked[s:e], torch.mm(g, weight))
+        if need_weight:  # fp16/bf16: this chunk's product in fp32 (bounded by the chunk), summed in fp32
+            g_t, h_acc = (g.t(), h_chunk) if g.dtype == acc else (g.t().to(acc), h_chunk.to(acc))
+            if s == 0:
+                torch.mm(g_t, h_acc, out=grad_w)
+            else:
+                grad_w.addmm_(g_t, h_acc)
+        if need_bias:
+            if s == 0:
+                torch.sum(g, 0, dtype=acc, out=grad_b)
+            else:
+                grad_b += g.sum(0, dtype=acc)
+        del g  # one chunk live at a time
+    return grad_h, grad_w.to(weight.dtype), grad_b.to(weight.dtype)
 
 
-def default_chunk_size(V, dtype, device):
+def _register_linear_bwd(op, inplace):
+    @op.register_kernel("cpu")
+    def _(grad_logp, hidden, weight, bias, labels, lse, saved, ignore_index, temperature, chunk_size, need_hidden,
+          need_weight, need_bias, use_triton):
+        return _linear_bwd_impl(grad_logp, hidden, weight, bias, labels, lse, saved, ignore_index, temperature,
+                                chunk_size, need_hidden, need_weight, need_bias, use_triton, inplace)
+
+    @op.register_kernel("cuda")
+    def _(grad_logp, hidden, weight, bias, labels, lse, saved, ignore_index, temperature, chunk_size, need_hidden,
+          need_weight, need_bias, use_triton):
+        return _linear_bwd_impl(grad_logp, hidden, weight, bias, labels, lse, saved, ignore_index, temperature,
+                                chunk_size, need_hidden, need_weight, need_bias, True, inplace)
+
+    @op.register_fake
+    def _(grad_logp, hidden, weight, bias, labels, lse, saved, ignore_index, temperature, chunk_size, need_hidden,
+          need_weight, need_bias, use_triton):
+        empty = hidden.new_empty((0,))
+        return (hidden.new_empty(hidden.shape) if need_hidden else empty,
+                weight.new_empty(weight.shape) if need_weight else empty,
+                weight.new_empty((weight.shape[0],)) if need_bias else empty)
+
+
+_register_linear_bwd(_linear_bwd, inplace=False)
+_register_linear_bwd(_linear_bwd_inplace, inplace=True)
+
+
+def _donates_saved_logits(saved):
+    """Whether this backward may overwrite its saved logits: eager (a plain tensor, not one being traced), and
+    the graph is not kept for another backward (``retain_graph``/``create_graph``), as torch.compile's
+    donated buffers do."""
+    if torch.compiler.is_compiling() or type(saved) is not torch.Tensor:
+        return False
+    try:
+        return not torch._C._autograd._get_current_graph_task_keep_graph()
+    except RuntimeError:  # not inside an autograd graph task
+        return False
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, temperature, chunk_size, frozen_head, use_triton = inputs
+    _, lse, saved = output
+    ctx.mark_non_differentiable(lse, saved)
+    if frozen_head:
+        ctx.save_for_backward(saved)
+    elif any(ctx.needs_input_grad[:3]):
+        ctx.save_for_backward(hidden, weight, labels, lse, saved, *(() if bias is None else (bias,)))
+    ctx.options = (ignore_index, temperature, chunk_size, frozen_head)
+    ctx.use_triton = use_triton
+
+
+def _linear_backward(ctx, grad_logp, _grad_lse, _grad_saved):
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if not (need_hidden or need_weight or need_bias):
+        return (None,) * 9
+    if torch.is_grad_enabled():  # create_graph=True: no second-order kernels
+        raise _double_backward_error("linear_sequence_logprobs")
+    ignore_index, temperature, chunk_size, frozen_head = ctx.options
+    if frozen_head:  # saved = U·W per token (formed in the forward): grad_h = g·(U·W), no GEMM
+        (unit_grad_h,) = ctx.saved_tensors
+        grad_h = (grad_logp.to(_acc_dtype(unit_grad_h.dtype))[:, None] * unit_grad_h).to(unit_grad_h.dtype)
+        return (grad_h,) + (None,) * 8
+    hidden, weight, labels, lse, saved, *bias = ctx.saved_tensors
+    bias = bias[0] if bias else None
+    op = torch.ops.prefrank.linear_sequence_logprobs_bwd_ if _donates_saved_logits(saved) else \
+        torch.ops.prefrank.linear_sequence_logprobs_bwd
+    grad_h, grad_w, grad_b = op(
+        grad_logp, hidden, weight, bias, labels, lse, saved, ignore_index, temperature, chunk_size, need_hidden,
+        need_weight, need_bias, ctx.use_triton)
+    return (grad_h if need_hidden else None, grad_w if need_weight else None, grad_b if need_bias else None,
+            None, None, None, None, None, None)
+
+
+_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def default_chunk_size(V: int, dtype: torch.dtype, device: torch.device | str) -> int:
     """Tokens per lm-head chunk so one chunk of logits stays within CHUNK_BUDGET_BYTES for the device."""
     budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, CHUNK_BUDGET_BYTES["cpu"])
     return max(1, budget // (max(V, 1) * dtype.itemsize))
 
 
-def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, segment_ids=None, num_segments=None,
-                             ignore_index=-100, temperature=1.0, reduction="sum", chunk_size=None):
-    """``sequence_logprobs(hidden @ weight.T + bias, labels, ...)`` holding one chunk of logits at a time.
+def linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                             segment_ids: Tensor | None = None, num_segments: int | None = None,
+                             ignore_index: int = -100, temperature: float = 1.0, reduction: Reduction = "sum",
+                             chunk_size: int | None = None, impl: str = "auto") -> Tensor:
+    """``sequence_logprobs(hidden @ weight.T + bias, labels, ...)`` without the full ``(…, T, V)`` logits.
+
+    Equivalent PyTorch (the oracle, :func:`prefrank.reference.linear_sequence_logprobs`)::
+
+        sequence_logprobs(hidden @ weight.T + bias, labels, ...)   # with the logits materialised
 
     Args:
         hidden: ``(..., T, H)`` float tensor (the final hidden states).
@@ -384,12 +712,30 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, segment_ids=N
         labels: ``(..., T)`` integer tensor aligned with ``hidden`` (``ignore_index`` = skip).
         bias: optional ``(V,)`` lm-head bias.
         segment_ids, num_segments, ignore_index, temperature, reduction: as in :func:`sequence_logprobs`.
-        chunk_size: labelled tokens per lm-head chunk; default: one chunk of logits within a fixed budget
-            (``CHUNK_BUDGET_BYTES``: 32 MiB on CPU, 256 MiB on CUDA).
+        chunk_size: labelled tokens per lm-head chunk. ``None`` (default): chunks of at most
+            ``CHUNK_BUDGET_BYTES`` of logits (32 MiB on CPU, 256 MiB on CUDA), and on CPU the labelled
+            tokens' logits are kept from forward to backward when they fit ``KEEP_LOGITS_BUDGET_BYTES``
+            (1 GiB): three GEMMs per fwd+bwd (logits, G·W, Gᵀ·h) instead of four, for M·V saved values.
+            An explicit ``chunk_size`` selects the lean path: only one chunk of logits is ever live (peak ≈
+            grad_weight + one chunk) and the backward recomputes each chunk's logits (four GEMMs).
+        impl: ``"auto"``, ``"reference"`` or ``"triton"`` (see the module docstring).
 
-    Only tokens with a label (and a segment) enter the matmul: prompt and image tokens cost nothing. The
-    forward keeps one log-sum-exp per labelled token; the backward recomputes each chunk of logits.
-    Gradients flow to hidden, weight and bias. Returns float32 (float64 for float64 inputs).
+    On CPU only tokens with a label (and a segment) enter the matmul: prompt and image tokens cost nothing.
+    On CUDA every token does (finding the labelled ones would read their count back to the host, a device
+    synchronisation); the row kernels skip the unlabelled ones. With a frozen head (only ``hidden`` requires
+    grad) the forward forms U·W per chunk and the backward only scales it (two GEMMs in all).
+
+    The GEMMs are the FLOP ceiling: 2·M·V·H FLOPs each (M labelled tokens) against ~10·M·V for the row
+    kernels, so at H = 1024 the GEMMs are > 99% of the arithmetic and fwd+bwd can at best be as fast as
+    three GEMMs of that size.
+
+    Returns float32 (float64 for float64 inputs). Gradients flow to hidden, weight and bias.
+
+    Example::
+
+        >>> hidden, weight = torch.randn(2, 5, 8), torch.randn(11, 8)
+        >>> linear_sequence_logprobs(hidden, weight, torch.randint(0, 11, (2, 5))).shape
+        torch.Size([2])
     """
     _checks.float_tensor("hidden", hidden)
     _checks.float_tensor("weight", weight)
@@ -412,61 +758,19 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, segment_ids=N
     _checks.positive_int_or_none("chunk_size", chunk_size)
     _check_common("hidden", hidden, labels, V, segment_ids, num_segments, ignore_index, temperature,
                   reduction)
-    if backend.get_backend() == "reference":
+    impl = backend.resolve(impl)
+    if impl == "reference":
         return reference.linear_sequence_logprobs(hidden, weight, labels, bias=bias, segment_ids=segment_ids,
                                                   num_segments=num_segments, ignore_index=ignore_index,
                                                   temperature=temperature, reduction=reduction)
-    if not _use_triton(hidden.device):
-        _extension.require()
+    use_triton = _use_triton(impl, hidden.device)
     H = hidden.shape[-1]
     eff_labels, active = _effective_labels(labels, segment_ids, ignore_index)
-    flat_active = active.reshape(-1)
-    picked = flat_active.nonzero().squeeze(1)  # the labelled tokens: the only ones that meet the lm-head
-    h = hidden.reshape(-1, H).index_select(0, picked)
-    y = eff_labels.reshape(-1).index_select(0, picked).contiguous()
-    chunk = chunk_size or default_chunk_size(V, hidden.dtype, hidden.device)
-    picked_logp = _LinearTokenLogprobs.apply(h, weight, bias, y, ignore_index, float(temperature), chunk)
-    token_logp = picked_logp.new_zeros(flat_active.shape[0]).index_copy(0, picked, picked_logp)
+    grad = torch.is_grad_enabled()
+    frozen_head = grad and hidden.requires_grad and not weight.requires_grad and not (
+        bias is not None and bias.requires_grad)
+    token_logp, lse, _ = torch.ops.prefrank.linear_sequence_logprobs_fwd(
+        hidden.reshape(-1, H), weight, bias, eff_labels.reshape(-1).contiguous(), ignore_index,
+        float(temperature), chunk_size or 0, frozen_head, use_triton)
+    _check_finite_lse(lse, active, "the logits hidden @ weight.T (+ bias)", (hidden, weight))
     return _reduce(token_logp, active, labels.shape, segment_ids, num_segments, reduction)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Registration: fake kernels, autograd, and the Triton kernels as the CUDA implementation
-# ---------------------------------------------------------------------------------------------------------
-
-def _register():
-    @torch.library.register_fake("prefrank::sequence_logprobs_fwd")
-    def _fwd_fake(logits, labels, ignore_index, temperature):
-        acc = _acc_dtype(logits.dtype)
-        return labels.new_empty(labels.shape, dtype=acc), labels.new_empty(labels.shape, dtype=acc)
-
-    @torch.library.register_fake("prefrank::sequence_logprobs_bwd")
-    def _bwd_fake(grad_logp, logits, labels, lse, ignore_index, temperature):
-        return logits.new_empty(logits.shape)
-
-    @torch.library.register_fake("prefrank::sequence_logprobs_bwd_")
-    def _bwd_inplace_fake(grad_logp, logits, labels, lse, ignore_index, temperature):
-        return None
-
-    def setup_context(ctx, inputs, output):
-        logits, labels, ignore_index, temperature = inputs
-        _, lse = output
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.mark_non_differentiable(lse)
-        ctx.ignore_index, ctx.temperature = ignore_index, temperature
-
-    def backward(ctx, grad_logp, _grad_lse):
-        logits, labels, lse = ctx.saved_tensors
-        grad = torch.ops.prefrank.sequence_logprobs_bwd(grad_logp, logits, labels, lse, ctx.ignore_index,
-                                                        ctx.temperature)
-        return grad, None, None, None
-
-    torch.library.register_autograd("prefrank::sequence_logprobs_fwd", backward, setup_context=setup_context)
-
-    torch.library.register_kernel("prefrank::sequence_logprobs_fwd", "cuda", _fwd_triton)
-    torch.library.register_kernel("prefrank::sequence_logprobs_bwd", "cuda", _bwd_triton)
-    torch.library.register_kernel("prefrank::sequence_logprobs_bwd_", "cuda", _bwd_triton_inplace)
-
-
-if _extension.available():
-    _register()

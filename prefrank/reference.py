@@ -3,11 +3,15 @@
 Written for clarity, not speed: each follows the defining formula directly, runs in float64 when given
 float64 (so ``torch.autograd.gradcheck`` applies) and is differentiable by autograd. Inputs are assumed
 valid (``prefrank.ops`` validates before dispatching here), except ``plackett_luce_nll``, which checks its
-arguments exactly like the op. Results are float32 for fp32/fp16/bf16 inputs and float64 for float64
-inputs, like the kernels.
+arguments exactly like the op, and the log-prob references, which run the same data checks as the kernels
+(label range, NaN/+inf at a labelled token: ValueError where ``prefrank._checks.data_checks_enabled``), so
+every impl fails alike. Results are float32 for fp32/fp16/bf16 inputs and float64 for float64 inputs, like
+the kernels.
 """
 
 import torch
+
+from prefrank import _checks
 
 
 def _accumulation_dtype(x):
@@ -123,7 +127,13 @@ def sequence_logprobs(logits, labels, *, segment_ids=None, num_segments=None, ig
     active = labels != ignore_index
     if segment_ids is not None:
         active = active & (segment_ids >= 0)
-    picked = logp_all.gather(-1, torch.where(active, labels, 0).unsqueeze(-1)).squeeze(-1)
+    V = logits.shape[-1]
+    checks = _checks.data_checks_enabled(logits, labels)
+    if checks and bool((active & ((labels < 0) | (labels >= V))).any()):
+        raise ValueError(f"labels must lie in [0, {V}) (the vocabulary) or equal ignore_index={ignore_index}")
+    picked = logp_all.gather(-1, torch.where(active, labels, 0).clamp(0, max(V - 1, 0)).unsqueeze(-1)).squeeze(-1)
+    if checks and bool((active & torch.isnan(picked)).any()):  # NaN/+inf (or only -inf) in a labelled row
+        raise ValueError("logits (divided by temperature) contain NaN or +inf (or only -inf) at a labelled token")
     token_logp = torch.where(active, picked, torch.zeros_like(picked))
     if reduction == "none":
         return token_logp

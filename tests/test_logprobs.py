@@ -219,10 +219,10 @@ def test_inplace_backward_overwrites_every_element(seed, impl):
     ref = reference.sequence_logprobs(x, labels, temperature=0.7, reduction="none")
     grad = torch.randn(1, 6)
     (expected,) = torch.autograd.grad(ref, x, grad)
-    with ops.use_backend("auto" if impl == "cpu" else "triton"):
-        _, lse = logprobs._token_fwd(logits, labels, -100, 0.7)
-        buffer = logits.clone()
-        logprobs._token_bwd_inplace(grad, buffer, labels, lse, -100, 0.7)
+    use_triton = impl == "triton"
+    _, lse = torch.ops.prefrank.sequence_logprobs_fwd(logits, labels, -100, 0.7, True, use_triton)
+    buffer = logits.clone()
+    torch.ops.prefrank.sequence_logprobs_bwd_(grad, buffer, labels, lse, -100, 0.7, use_triton)
     _assert_close(buffer, expected)
 
 
@@ -334,7 +334,7 @@ def test_linear_frozen_head_needs_no_recompute(seed, impl, dtype, monkeypatch):
     h, hr = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     calls = []
     chunk_logits = logprobs._chunk_logits
-    monkeypatch.setattr(logprobs, "_chunk_logits", lambda *a: calls.append(1) or chunk_logits(*a))
+    monkeypatch.setattr(logprobs, "_chunk_logits", lambda *a, **k: calls.append(1) or chunk_logits(*a, **k))
     out = _run(impl, ops.linear_sequence_logprobs, h, weight, labels, bias=bias, temperature=0.7, chunk_size=4)
     forward_calls = len(calls)
     ref = reference.linear_sequence_logprobs(hr, weight, labels, bias=bias, temperature=0.7)
@@ -418,17 +418,45 @@ def test_gradcheck_linear(seed):
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
 
-def test_opcheck(seed):
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_opcheck(seed, use_triton):
     logits = torch.randn(2, 5, 17)[:, :4]
     labels = torch.randint(0, 17, (2, 4))
     labels[0, 1] = -100
-    torch.library.opcheck(torch.ops.prefrank.sequence_logprobs_fwd,
-                          (logits.clone().requires_grad_(), labels, -100, 0.7))
-    _, lse = torch.ops.prefrank.sequence_logprobs_fwd(logits, labels, -100, 0.7)
+    for inplace in (False, True):
+        torch.library.opcheck(torch.ops.prefrank.sequence_logprobs_fwd,
+                              (logits.clone().requires_grad_(), labels, -100, 0.7, inplace, use_triton))
+    _, lse = torch.ops.prefrank.sequence_logprobs_fwd(logits, labels, -100, 0.7, False, use_triton)
     torch.library.opcheck(torch.ops.prefrank.sequence_logprobs_bwd,
-                          (torch.randn(2, 4), logits, labels, lse, -100, 0.7))
+                          (torch.randn(2, 4), logits, labels, lse, -100, 0.7, use_triton))
     torch.library.opcheck(torch.ops.prefrank.sequence_logprobs_bwd_,
-                          (torch.randn(2, 4), logits.contiguous(), labels, lse, -100, 0.7))
+                          (torch.randn(2, 4), logits.contiguous(), labels, lse, -100, 0.7, use_triton))
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+@pytest.mark.parametrize("chunk_size,frozen_head", [(0, False), (3, False), (3, True)])
+def test_opcheck_linear(seed, use_triton, chunk_size, frozen_head):
+    hidden, weight, bias, labels = _linear_case(B=2, T=7, H=5, V=13)
+    h, y = hidden.reshape(-1, 5), labels.reshape(-1)
+    args = (h.clone().requires_grad_(), weight.clone().requires_grad_(not frozen_head), bias, y, -100, 0.7,
+            chunk_size, frozen_head, use_triton)
+    # chunk_size 0 keeps the labelled tokens' logits: an output with a data-dependent row count, which
+    # opcheck's aot_dispatch_dynamic check cannot return from a traced graph; the fullgraph compile tests in
+    # test_logprobs_oplayer.py cover it (forward and backward, static and dynamic shapes)
+    # chunk_size 0 keeps the labelled tokens' logits as the op's third output and the eager backward turns that
+    # buffer into the gradient (donated, never exposed by linear_sequence_logprobs); opcheck's
+    # aot_dispatch_dynamic util returns it and compares it after the backward, so it is run without that util
+    # there: the fullgraph compile tests of test_logprobs_oplayer.py cover that configuration end to end
+    utils = [u for u in torch.library._OPCHECK_DEFAULT_UTILS if not (chunk_size == 0 and "aot_dispatch" in u)]
+    torch.library.opcheck(torch.ops.prefrank.linear_sequence_logprobs_fwd, args, test_utils=utils)
+    if frozen_head:
+        return
+    _, lse, saved = torch.ops.prefrank.linear_sequence_logprobs_fwd(h, weight, bias, y, -100, 0.7, chunk_size,
+                                                                   False, use_triton)
+    assert saved.shape == ((int((y != -100).sum()), 13) if chunk_size == 0 else (0, 13))
+    for op in (torch.ops.prefrank.linear_sequence_logprobs_bwd, torch.ops.prefrank.linear_sequence_logprobs_bwd_):
+        torch.library.opcheck(op, (torch.randn(14), h, weight, bias, y, lse, saved.clone(), -100, 0.7, chunk_size,
+                                   True, True, True, use_triton))
 
 
 def test_torch_compile_smoke(seed):
@@ -451,7 +479,8 @@ def test_torch_compile_smoke(seed):
 
 
 def test_cuda_dispatch_is_registered():
-    for name in ("sequence_logprobs_fwd", "sequence_logprobs_bwd", "sequence_logprobs_bwd_"):
+    for name in ("sequence_logprobs_fwd", "sequence_logprobs_bwd", "sequence_logprobs_bwd_",
+                 "linear_sequence_logprobs_fwd", "linear_sequence_logprobs_bwd", "linear_sequence_logprobs_bwd_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"prefrank::{name}", "CUDA"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"prefrank::{name}", "CPU"), name
 

@@ -11,7 +11,9 @@ backward  logp = z_y − lse(z) gives ∂logp/∂logits_v = (δ_vy − softmax(z
           makes this a single read of the row and a single write of the gradient in the logits' dtype (no
           fp32 row buffer); ignored rows get zeros without reading the logits. Each element is read before
           it is written by the same program, so ``out`` may be the logits themselves (the lm-head path
-          turns its own chunk of logits into the gradient in place).
+          turns its own chunk of logits into the gradient in place; so does ``inplace_backward=True``).
+          A label outside [0, V) (not checked on CUDA by default) gives a NaN logp and never an
+          out-of-bounds access.
 
 The loop over vocabulary tiles covers any V (including V > 256k and V not a multiple of the tile). The
 per-token results are reduced per sequence/segment by the caller (a deterministic torch reduction over a
@@ -46,7 +48,9 @@ def logprobs_fwd_kernel(logits_ptr, labels_ptr, logp_ptr, lse_ptr, T, V, stride_
     z_label = tl.load(row + label, mask=label_ok, other=0.0).to(acc_ty) * inv_temp
     lse = m + tl.log(tl.where(active, s, 1.0))  # ignored token: s = 0, keep log() finite
     tl.store(lse_ptr + n, tl.where(active, lse, 0.0))
-    tl.store(logp_ptr + n, tl.where(active, z_label - lse, 0.0))
+    # a label outside [0, V) (only unchecked on CUDA): NaN, never an out-of-bounds read
+    logp = tl.where(label_ok, z_label - lse, float("nan"))
+    tl.store(logp_ptr + n, tl.where(active, logp, 0.0))
 
 
 @triton.jit
