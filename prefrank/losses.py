@@ -150,15 +150,15 @@ def _check_dpo_options(beta: object, loss_type: object, label_smoothing: object)
 
 
 # TRANSITIONAL (issue #11 lands op by op): the ops gain their ``impl=`` keyword on the op helpers' branches.
-# Until both have it, a loss selects the implementation for the ops it calls with use_backend (eager only);
-# delete this block and pass ``impl=impl`` directly once prefrank.ops.* all take it.
-_OPS_TAKE_IMPL = all("impl" in inspect.signature(op).parameters
-                     for op in (ops.plackett_luce_nll, ops.sortnet_rank_loss))
+# An op without it yet gets the implementation through use_backend (eager only); delete _OPS_TAKING_IMPL and
+# _op_impl and pass ``impl=impl`` directly once every prefrank.ops function takes it.
+_OPS_TAKING_IMPL = frozenset(name for name in ("plackett_luce_nll", "sortnet_rank_loss")
+                             if "impl" in inspect.signature(getattr(ops, name)).parameters)
 
 
-def _op_impl(impl: str) -> tuple[dict[str, str], AbstractContextManager[None]]:
-    """(keyword arguments, context) that make an op call run ``impl``."""
-    if _OPS_TAKE_IMPL:
+def _op_impl(op_name: str, impl: str) -> tuple[dict[str, str], AbstractContextManager[None]]:
+    """(keyword arguments, context) that make a call of ``prefrank.ops.<op_name>`` run ``impl``."""
+    if op_name in _OPS_TAKING_IMPL:
         return {"impl": impl}, nullcontext()
     return {}, nullcontext() if impl == "auto" else backend.use_backend(impl)
 
@@ -464,7 +464,8 @@ def listwise_dpo_loss(policy_logps: Tensor, ref_logps: Tensor, *, groups: Tensor
         _check_scored(valid, policy_logps=policy, ref_logps=ref)
         _check_rewards(raw, valid, "policy_logps", "ref_logps", finite=ranker == "sortnet")
     rewards = torch.where(valid, raw, 0)  # padding may hold garbage (NaN logps): keep it out of the ops
-    op_kwargs, op_context = _op_impl(impl)
+    op_kwargs, op_context = _op_impl("plackett_luce_nll" if ranker == "plackett_luce" else "sortnet_rank_loss",
+                                     impl)
     with op_context:
         if ranker == "plackett_luce":
             per_list = ops.plackett_luce_nll(rewards, ranking=ranking_f, groups=groups_f, mask=mask_f,
@@ -520,7 +521,7 @@ def _top1_pl(r_pos: Tensor, r_negs: Tensor, levels: Tensor, impl: str) -> Tensor
     by the Plackett-Luce op (top_k=1 over levels [0, 1, …, 1]). A list without a valid negative scores 0."""
     r_negs = torch.where(levels[:, 1:] >= 0, r_negs, 0)  # padding may hold garbage; keep it out of the op
     scores = torch.cat([r_pos[:, None], r_negs], dim=-1)
-    op_kwargs, op_context = _op_impl(impl)
+    op_kwargs, op_context = _op_impl("plackett_luce_nll", impl)
     with op_context:
         return ops.plackett_luce_nll(scores, groups=levels, top_k=1, **op_kwargs)
 
@@ -695,7 +696,7 @@ def smpro_loss(policy_logps: Tensor, ref_logps: Tensor, groups: Tensor, *, beta:
         _check_rewards(raw, valid, "policy_logps", "ref_logps", finite=True)
     rewards = torch.where(valid, raw, 0)  # padding may hold garbage
     sort_options = {"network": network, "relaxation": relaxation, "steepness": steepness}
-    op_kwargs, op_context = _op_impl(impl)
+    op_kwargs, op_context = _op_impl("sortnet_rank_loss", impl)
     with op_context:
         across = ops.sortnet_rank_loss(rewards, level, target="block", reduction="none", **sort_options,
                                        **op_kwargs).to(acc)
