@@ -137,24 +137,6 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, segment_ids=N
 # Sorting networks (sortnet family)
 # ------------------------------------------------------------------------------------------------------------
 
-def _sortnet_alpha(d, relaxation, steepness, art_lambda):
-    """Comparator weight α = f(d), d = x_v − x_u, exactly as the diffsort package computes it."""
-    if relaxation == "logistic":
-        return torch.sigmoid(d * steepness)
-    if relaxation == "logistic_phi":
-        return torch.sigmoid(d * steepness / (d.abs() + 1e-10).pow(art_lambda))
-    if relaxation == "gaussian":
-        return 0.5 + 0.5 * torch.erf(d / (1 / steepness) / 2.0**0.5)
-    z = d * steepness
-    if relaxation == "reciprocal":
-        return 0.5 * (z / (2 + z.abs()) + 1)
-    if relaxation == "cauchy":
-        return 1 / torch.pi * torch.atan(z) + 0.5
-    # "optimal": z + 1/2 on |z| ≤ 1/4, 1 − 1/(16z) above, −1/(16z) below
-    outside = (z > 0.25).to(z.dtype) - (z < -0.25).to(z.dtype)
-    return z.clamp(-0.25, 0.25) + 0.5 + outside * (0.25 - 1 / 16 / (z.abs() + 1e-10))
-
-
 def soft_sort(x, *, network="odd_even", relaxation="cauchy", steepness=10.0, art_lambda=0.25,
               descending=False, dim=-1, return_permutation=True):
     """Relaxed sorting network, one layer at a time (see ``prefrank.networks`` for the comparator rule).
@@ -181,13 +163,8 @@ def soft_sort(x, *, network="odd_even", relaxation="cauchy", steepness=10.0, art
     for layer in range(partner.shape[0]):
         p = partner[layer]
         xp = v[..., p]
-        alpha = _sortnet_alpha(torch.where(p > wires, xp - v, v - xp), relaxation, steepness, art_lambda)
-        flipped = receives_min[layer] != (wires < p)
-        own = torch.where(flipped, 1 - alpha, alpha)
-        other = torch.where(flipped, alpha, 1 - alpha)
-        through = p == wires  # pass-through wires stay exact
-        own = torch.where(through, torch.ones_like(own), own)
-        other = torch.where(through, torch.zeros_like(other), other)
+        alpha = networks.relaxed_alpha(torch.where(p > wires, xp - v, v - xp), relaxation, steepness, art_lambda)
+        own, other = networks.mix_weights(alpha, receives_min[layer] != (wires < p), p == wires)
         v = own * v + other * xp
         if P is not None:
             P = own[..., None, :] * P + other[..., None, :] * P[..., :, p]
@@ -215,12 +192,12 @@ def sortnet_rank_loss(scores, groups, *, target="block", network="odd_even", rel
     batch_shape, n = scores.shape[:-1], scores.shape[-1]
     flat_scores = scores.reshape(-1, n).to(acc)
     flat_groups = groups.reshape(-1, n)
-    losses = []
+    losses = [flat_scores[:0].sum()]  # a 0 placeholder (dropped below): stack and graph for an empty batch
     for s_row, g_row in zip(flat_scores, flat_groups, strict=True):
         valid = g_row >= 0
         m = int(valid.sum())
-        if m == 0:
-            losses.append(s_row.sum() * 0)
+        if m == 0:  # 0, connected to the scores (padding may hold NaN: never multiplied)
+            losses.append(torch.where(valid, s_row, 0).sum())
             continue
         s, g = s_row[valid], g_row[valid]
         _, P = soft_sort(s, network=network, relaxation=relaxation, steepness=steepness,
@@ -235,7 +212,7 @@ def sortnet_rank_loss(scores, groups, *, target="block", network="odd_even", rel
         else:
             Q = torch.nn.functional.one_hot(before, m).to(acc)
             losses.append(torch.nn.functional.binary_cross_entropy(P.clamp(0, 1), Q))
-    loss = torch.stack(losses).reshape(batch_shape)
+    loss = torch.stack(losses)[1:].reshape(batch_shape)
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":

@@ -51,6 +51,7 @@ class TrainConfig:
     loss_kwargs: dict = field(default_factory=dict)
     precision: str = "fp32"  # fp32 | bf16 (autocast; master weights and log-probs stay fp32)
     reference: str = "model"  # model (frozen copy) | precomputed (reference log-probs computed once)
+    pack_prompts: str = "auto"  # auto | on | off: each prompt once + its K responses (prefrank.packing)
     seed: int = 0
     # bookkeeping
     log_every: int = 1
@@ -81,7 +82,8 @@ class TrainConfig:
                 raise ValueError(f"{_label(name)} must be {'> 0' if positive else '>= 0'}"
                                  f"{' and finite' if isinstance(value, float) else ''}, got {value}")
         for name, choices in (("precision", ("fp32", "bf16")), ("reference", ("model", "precomputed")),
-                              ("distributed", ("ddp", "fsdp"))):
+                              ("distributed", ("ddp", "fsdp")),
+                              ("pack_prompts", ("auto", "on", "off"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{_label(name)} must be one of {choices}, got {getattr(self, name)!r}")
         if not self.out:
@@ -189,6 +191,9 @@ def build_parser():
         "seed": dict(type=int), "num_train": dict(type=int), "num_eval": dict(type=int),
         "eval_every": dict(type=int), "save_every": dict(type=int), "log_every": dict(type=int),
         "distributed": dict(choices=["ddp", "fsdp"]),
+        "pack_prompts": dict(choices=["auto", "on", "off"],
+                             help="one row per prompt holding all its responses (default auto: where the method "
+                                  "and model allow it; on: fail if the model cannot)"),
         # -- selfpref (issue 7) --
         "self_generate": dict(choices=["off", "offline", "online"],
                               help="smpro/misp_dpo: build the preference data with the policy itself"),

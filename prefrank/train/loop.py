@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from prefrank.packing import check_model
 from prefrank.train import distributed as distributed_utils
 from prefrank.train import selfpref
 from prefrank.train.checkpoint import (
@@ -122,11 +123,32 @@ def exact_match_accuracy(vlm, data, state, batch_size, max_new_tokens):
 
 
 @torch.no_grad()
-def sequence_logps(scorer, method, data, indices, device, autocast_dtype=None):
+def sequence_logps(scorer, method, data, indices, device, autocast_dtype=None, packed=False):
     """Flat log-probs of `method`'s requests for records `indices` (in order), with their positions."""
-    batch = method.build_batch(data, indices).to(device)
+    batch = method.build_batch(data, indices, packed=packed).to(device)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        return scorer(batch.inputs, batch.labels), batch
+        return scorer(batch.inputs, batch.labels, **batch.segments), batch
+
+
+def choose_packing(config, method, model, state):
+    """Whether batches pack each prompt once with all of its responses (prefrank.packing); prints one line
+    saying which path runs and why. pack_prompts: "auto" packs where the method and model allow it, "on"
+    raises when the model cannot (check_model's error), "off" never packs."""
+    if config.pack_prompts == "off":
+        packed, reason = False, "pack_prompts='off'"
+    elif not method.packable:
+        packed, reason = False, f"{method.name} scores one response under several images: no shared prompt"
+    else:
+        try:
+            check_model(model)
+            packed, reason = True, "each prompt and its image once, then its responses"
+        except ValueError as error:
+            if config.pack_prompts == "on":
+                raise
+            packed, reason = False, str(error)
+    if state.is_main:
+        print(f"prefrank.train: {config.method} runs {'packed' if packed else 'unpacked'} ({reason})", flush=True)
+    return packed
 
 
 class Trainer:
@@ -173,6 +195,7 @@ class Trainer:
             raise ValueError(f"batch_size={config.batch_size} must be a positive multiple of world_size × "
                              f"grad_accum = {self.state.world_size} × {config.grad_accum}")
         self.micro_batch = per_micro
+        self.packed = choose_packing(config, self.method, self.vlm.model, self.state)
 
         self.reference = None
         self.reference_table = None
@@ -207,7 +230,7 @@ class Trainer:
         for start in range(0, len(self.train_data), self.config.eval_batch_size):
             indices = list(range(start, min(start + self.config.eval_batch_size, len(self.train_data))))
             logps, batch = sequence_logps(scorer, self.method, self.train_data, indices, self.state.device,
-                                          self.autocast_dtype)
+                                          self.autocast_dtype, packed=self.packed)
             for row in batch.positions:
                 table.append(logps[row[row >= 0]].cpu())
         return table
@@ -216,8 +239,8 @@ class Trainer:
         if self.reference is not None:
             with torch.no_grad(), torch.autocast(self.state.device.type, dtype=self.autocast_dtype,
                                                  enabled=self.autocast_dtype is not None):
-                return self.reference(batch.inputs, batch.labels)
-        flat = torch.zeros(batch.labels.shape[0], dtype=torch.float32)
+                return self.reference(batch.inputs, batch.labels, **batch.segments)
+        flat = torch.zeros(batch.num_sequences, dtype=torch.float32)
         for row, index in zip(batch.positions.cpu(), batch.indices, strict=True):
             flat[row[row >= 0]] = self.reference_table[index]
         return flat.to(self.state.device)
@@ -282,7 +305,7 @@ class Trainer:
             append_line(self.out / "metrics.jsonl", json.dumps(row))
 
     def _micro_step(self, indices, token_normaliser, sync):
-        batch = self.method.build_batch(self.train_data, indices).to(self.state.device)
+        batch = self.method.build_batch(self.train_data, indices, packed=self.packed).to(self.state.device)
         batch.extras["token_normaliser"] = torch.tensor(token_normaliser, device=self.state.device)
         reference = self._reference_logps(batch) if self.method.needs_reference else None
         skip_sync = not sync and hasattr(self.scorer, "no_sync")
@@ -290,7 +313,7 @@ class Trainer:
         with context:
             with torch.autocast(self.state.device.type, dtype=self.autocast_dtype,
                                 enabled=self.autocast_dtype is not None):
-                policy = self.scorer(batch.inputs, batch.labels)
+                policy = self.scorer(batch.inputs, batch.labels, **batch.segments)
             output = self.method.loss(policy, reference, batch, self.config)
             (output.loss / self.config.grad_accum).backward()
         return {"loss": output.loss.detach(), **output.metrics}
