@@ -109,8 +109,15 @@ def build_info(cuda):
 class BuildExtensionWithInfo(BuildExtension.with_options(use_ninja=True)):
     def build_extensions(self):
         super().build_extensions()
-        target = Path(self.get_ext_fullpath("prefrank._C")).parent / "_build_info.json"
-        target.write_text(json.dumps(build_info(CUDA), indent=1) + "\n")
+        self._write_build_info(Path(self.get_ext_fullpath("prefrank._C")).parent)
+
+    def copy_extensions_to_source(self):  # --inplace and editable installs: next to the copied extension
+        super().copy_extensions_to_source()
+        self._write_build_info(Path(self.get_finalized_command("build_py").get_package_dir("prefrank")))
+
+    @staticmethod
+    def _write_build_info(folder):
+        (folder / "_build_info.json").write_text(json.dumps(build_info(CUDA), indent=1) + "\n")
 
 
 CUDA = want_cuda()

@@ -53,12 +53,18 @@ def build_info() -> dict | None:
         return None
 
 
+def _distribution():
+    try:
+        return importlib.metadata.distribution("prefrank")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def install_source() -> str | None:
     """Where an installed prefrank came from: its PEP 610 direct URL (a local sdist, folder or VCS), "index"
     for a registry install, None when prefrank is not installed as a distribution."""
-    try:
-        distribution = importlib.metadata.distribution("prefrank")
-    except importlib.metadata.PackageNotFoundError:
+    distribution = _distribution()
+    if distribution is None:
         return None
     text = distribution.read_text("direct_url.json")
     if not text:
@@ -77,10 +83,10 @@ def rebuild_command() -> str:
         return "`make build` (or `pip install --no-build-isolation -e .`) in " + str(SOURCE_ROOT)
     source = install_source()
     pip = f"{sys.executable} -m pip install --no-build-isolation --no-deps --force-reinstall"
-    if source is None or source == "index":
-        from prefrank import __version__
-
-        return f"`{pip} --no-binary prefrank prefrank=={__version__}`"
+    if source is None or source == "index":  # (runs while prefrank/__init__ is importing: no __version__ yet)
+        distribution = _distribution()
+        pinned = f"prefrank=={distribution.version}" if distribution is not None else "prefrank"
+        return f"`{pip} --no-binary prefrank {pinned}`"
     return f"`{pip} {source}`"
 
 

@@ -29,6 +29,8 @@ def test_info_describes_this_process():
     assert extension["source_hash"] == _extension._C.source_hash
     assert extension["cuda_kernels"] == _extension.has_cuda_kernels()
     assert "make build" in extension["rebuild"]
+    # a build by this setup.py records what it was built against (None only for builds by an older one)
+    assert extension["build"] is None or extension["build"]["source_hash"] == extension["source_hash"]
     json.dumps(facts)  # pasteable as JSON
 
 
