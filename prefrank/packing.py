@@ -141,11 +141,29 @@ class PackedPrompts:
         hidden_value = torch.finfo(dtype).min
         return torch.zeros((), dtype=dtype, device=owner.device).masked_fill(~visible, hidden_value)[:, None]
 
-    def model_inputs(self, *, mask_dtype: torch.dtype = torch.float32, **extra: Any) -> dict[str, Any]:
+    def block_mask(self) -> Any:
+        """The same visibility as a FlexAttention ``BlockMask`` (for ``attn_implementation="flex_attention"``
+        models, through ``model_inputs(block_mask=True)``): fully hidden blocks are skipped instead of
+        computed and masked, which matters on CUDA for long prompts and many responses."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        owner = self.owner
+
+        def visible(b, h, q, kv):
+            owner_q, owner_kv = owner[b, q], owner[b, kv]
+            shared_or_own = (owner_kv == PROMPT) | (owner_kv == owner_q)
+            return ((kv <= q) & (owner_kv != PAD) & (owner_q != PAD) & shared_or_own) | ((q == kv) & (owner_q == PAD))
+
+        B, L = owner.shape
+        return create_block_mask(visible, B, None, L, L, device=owner.device)
+
+    def model_inputs(self, *, mask_dtype: torch.dtype = torch.float32, block_mask: bool = False,
+                     **extra: Any) -> dict[str, Any]:
         """``input_ids``, the 4-D additive ``attention_mask`` and ``position_ids``, plus ``extra`` unchanged
         (``pixel_values``, ``image_grid_thw``, ``use_cache=False`` …). An extra named like one of the three
         raises (it would silently replace the packing's own).
 
+        ``block_mask=True`` gives :meth:`block_mask` instead of the dense mask (flex_attention models only).
         ``mask_dtype``: float32 serves fp32/bf16/fp16 models. A float64 model needs
         ``mask_dtype=torch.float64``: torch's CPU sdpa misreads a float32 mask under float64 queries
         (wrong attention for L > 16), so :meth:`sequence_logprobs` refuses float64 logits after a float32
@@ -156,9 +174,10 @@ class PackedPrompts:
             raise ValueError(f"model_inputs(): {clash} are built by the packing; pass other inputs only")
         if not isinstance(mask_dtype, torch.dtype) or not mask_dtype.is_floating_point:
             raise TypeError(f"mask_dtype must be a floating torch.dtype, got {mask_dtype!r}")
-        self._given["mask_dtype"] = mask_dtype
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask(mask_dtype),
-                "position_ids": self.position_ids, **extra}
+        self._given["mask_dtype"] = None if block_mask else mask_dtype
+        attention_mask = self.block_mask() if block_mask else self.attention_mask(mask_dtype)
+        return {"input_ids": self.input_ids, "attention_mask": attention_mask, "position_ids": self.position_ids,
+                **extra}
 
     def _check_vocabulary(self, name: str, V: int) -> None:
         if self.max_token_id >= V:

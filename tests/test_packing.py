@@ -82,11 +82,12 @@ def unpacked_logps(model, prompts, responses, extras=None):
     rows = []
     for b, (prompt, row) in enumerate(zip(prompts, responses)):
         for k, response in enumerate(row):
-            ids = torch.tensor([prompt + response])
+            device = next(model.parameters()).device
+            ids = torch.tensor([prompt + response], device=device)
             kwargs = {key: value[b:b + 1] for key, value in (extras or {}).items()}
             logits = model(input_ids=ids, use_cache=False, **kwargs).logits[0]
             logp = logits[len(prompt) - 1:-1].double().log_softmax(-1)
-            rows.append(((b, k), logp.gather(-1, torch.tensor(response)[:, None]).sum()))
+            rows.append(((b, k), logp.gather(-1, torch.tensor(response, device=device)[:, None]).sum().cpu()))
     for (b, k), value in rows:
         out[b, k] = value
     return out, rows
@@ -426,3 +427,18 @@ def test_pack_prompts_flag():
     assert parse_args(["--method", "smpro", "--pack-prompts", "off"]).pack_prompts == "off"
     with pytest.raises(SystemExit):
         parse_args(["--pack-prompts", "maybe"])
+
+
+@pytest.mark.cuda
+def test_flex_attention_block_mask_forward(seed):
+    """attn_implementation="flex_attention" with the packed BlockMask (forward). CUDA only: on CPU
+    transformers compiles flex attention once per sequence length (passes, but ~6 minutes on 2 cores)."""
+    generator = torch.Generator().manual_seed(seed)
+    model = tiny_text_model("llama", "flex_attention", torch.float32, seed).eval().cuda()
+    prompts, responses = random_problem(generator, B=2, K=(2, 3))
+    packed = pack_shared_prompt(prompts, responses, pad_token_id=0, padding_side="left").to("cuda")
+    with torch.no_grad():
+        logits = model(**packed.model_inputs(block_mask=True, use_cache=False)).logits
+        logps = packed.sequence_logprobs(logits).cpu()
+        expected, _ = unpacked_logps(model, prompts, responses)
+    torch.testing.assert_close(logps.double(), expected, rtol=1e-4, atol=1e-4)
