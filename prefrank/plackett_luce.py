@@ -303,7 +303,7 @@ def plackett_luce_nll(scores: torch.Tensor, *, ranking: torch.Tensor | None = No
 
         >>> scores = torch.tensor([[2.0, 1.0, 0.0]])
         >>> plackett_luce_nll(scores, groups=torch.tensor([[0, 1, 1]]), ties="efron")
-        tensor([0.8092])
+        tensor([1.3410])
     """
     scores_l, ranking_l, groups_l, mask_l, ties_code = checked_arguments(
         scores, ranking, groups, mask, top_k, ties, dim, reduction)
