@@ -114,48 +114,6 @@ def check_values(scores, ranking, groups, mask):
                          "mask False, groups -1, or items a ranking does not list)")
 
 
-def canonical_order(shape, device, *, ranking=None, groups=None, mask=None):
-    """(order, level) of (B, K) lists in PyTorch: ``order[b, p]`` = item at place p (valid items first, best
-    first, stable within ties), ``level[b, p]`` = compact group index (0 = best), -1 for padding.
-
-    The kernels no longer need it (they build the order per list); kept for prefrank.losses until its rewrite.
-    """
-    B, K = shape
-    pad = torch.iinfo(torch.int64).max
-    if groups is not None:
-        keys = groups.to(torch.int64)
-        keep = keys >= 0
-    elif ranking is not None:
-        ranking = ranking.to(torch.int64)
-        keep = _listed(ranking, K)
-        places = torch.arange(K, device=device).expand_as(ranking)
-        keys = torch.full((B, K + 1), pad, dtype=torch.int64, device=device)
-        keys = keys.scatter(1, torch.where(ranking >= 0, ranking, K), places)[:, :K]
-    else:
-        keys = torch.arange(K, device=device).expand(B, K)
-        keep = torch.ones((B, K), dtype=torch.bool, device=device)
-    if mask is not None:
-        keep = keep & mask
-    sorted_keys, order = torch.sort(torch.where(keep, keys, pad), dim=-1, stable=True)
-    valid = torch.gather(keep, 1, order)
-    new_level = torch.ones_like(valid)
-    new_level[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
-    level = torch.cumsum(new_level & valid, dim=-1) - 1
-    return order.contiguous(), torch.where(valid, level, -1).contiguous()
-
-
-def _check_ranking(ranking, K):
-    """Kept for prefrank.losses until its rewrite: the ranking value checks (see :func:`check_values`)."""
-    if _checks.data_checks_enabled(ranking):
-        check_values(torch.zeros(ranking.shape[:-1] + (K,)), ranking, None, None)
-
-
-def _check_groups(groups):
-    """Kept for prefrank.losses until its rewrite: the groups value checks (see :func:`check_values`)."""
-    if _checks.data_checks_enabled(groups):
-        check_values(torch.zeros(groups.shape), None, groups, None)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Custom ops
 # ------------------------------------------------------------------------------------------------------------
@@ -303,7 +261,7 @@ def plackett_luce_nll(scores: torch.Tensor, *, ranking: torch.Tensor | None = No
 
         >>> scores = torch.tensor([[2.0, 1.0, 0.0]])
         >>> plackett_luce_nll(scores, groups=torch.tensor([[0, 1, 1]]), ties="efron")
-        tensor([0.8092])
+        tensor([1.3410])
     """
     scores_l, ranking_l, groups_l, mask_l, ties_code = checked_arguments(
         scores, ranking, groups, mask, top_k, ties, dim, reduction)

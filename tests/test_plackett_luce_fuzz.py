@@ -19,8 +19,8 @@ SPECIAL = (1e4, -1e4, float("-inf"), 0.0, 30.0)
 
 @st.composite
 def cases(draw):
-    lists = draw(st.sampled_from([(), (0,), (1,), (3,), (2, 2)]))
-    K = draw(st.integers(0, 7))
+    lists = draw(st.sampled_from([(3,), (2, 2), (1,), (), (0,)]))  # sampled_from, not integers: hypothesis
+    K = draw(st.sampled_from([5, 2, 7, 1, 3, 0]))                   # would draw the empty cases too often
     dtype = draw(st.sampled_from(DTYPES))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     shape = lists + (K,)
