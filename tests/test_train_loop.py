@@ -243,3 +243,12 @@ def test_missing_matplotlib_skips_the_plot_only(tmp_path, monkeypatch):
     final = json.loads((tmp_path / "sft" / "final.json").read_text())
     assert final["final_metrics"] == summary["final_metrics"]
     assert not (tmp_path / "sft" / "training.png").exists()
+
+
+def test_final_metrics_are_nan_aware_means():
+    """prefrank.losses reports a per-level metric as NaN on a step whose batch lacks that level."""
+    from prefrank.train.loop import final_metrics
+
+    rows = [{"step": 1, "lr": 0.1, "loss": 1.0, "rewards/group_2": float("nan"), "rewards/group_3": float("nan")},
+            {"step": 2, "lr": 0.1, "loss": 3.0, "rewards/group_2": 0.5, "rewards/group_3": float("nan")}]
+    assert final_metrics(rows) == {"loss": 2.0, "rewards/group_2": 0.5}

@@ -434,9 +434,7 @@ class Trainer:
         if self.state.is_main:
             rows = read_jsonl_rows(self.out / "metrics.jsonl")
             last = [r for r in rows if "loss" in r][-max(1, self.config.steps // 10):]
-            # per-level metrics (rewards/group_3 …) exist only on steps whose batch has that level (issue 7)
-            summary["final_metrics"] = {k: sum(r[k] for r in last if k in r) / sum(k in r for r in last)
-                                        for k in last[-1] if k not in ("step", "lr")}
+            summary["final_metrics"] = final_metrics(last)
             from prefrank.train.plots import plot_metrics
 
             try:
@@ -446,6 +444,17 @@ class Trainer:
                               f"'prefrank[train]' extra)", stacklevel=2)
             write_text_atomically(self.out / "final.json", json.dumps(summary, indent=2))
         return summary
+
+
+def final_metrics(rows):
+    """Mean of each metric over `rows`, NaN-aware: a per-level metric (rewards/group_3 …) is NaN on steps whose
+    batch has no list with that level (prefrank.losses); a metric that is NaN on every row is left out."""
+    means = {}
+    for key in rows[-1]:
+        values = [row[key] for row in rows if key in row and not math.isnan(row[key])]
+        if key not in ("step", "lr") and values:
+            means[key] = sum(values) / len(values)
+    return means
 
 
 def parameter_digest(model_state):
