@@ -47,9 +47,7 @@ backward works); the other terms have whatever the ops provide (implemented, or 
 
 from __future__ import annotations
 
-import inspect
 import math
-from contextlib import AbstractContextManager, nullcontext
 from typing import Literal, NamedTuple
 
 import torch
@@ -147,20 +145,6 @@ def _check_dpo_options(beta: object, loss_type: object, label_smoothing: object)
         raise ValueError(f"label_smoothing must lie in {bound} for loss_type={loss_type!r}, "
                          f"got {label_smoothing}")
     return beta, label_smoothing
-
-
-# TRANSITIONAL (issue #11 lands op by op): the ops gain their ``impl=`` keyword on the op helpers' branches.
-# An op without it yet gets the implementation through use_backend (eager only); delete _OPS_TAKING_IMPL and
-# _op_impl and pass ``impl=impl`` directly once every prefrank.ops function takes it.
-_OPS_TAKING_IMPL = frozenset(name for name in ("plackett_luce_nll", "sortnet_rank_loss")
-                             if "impl" in inspect.signature(getattr(ops, name)).parameters)
-
-
-def _op_impl(op_name: str, impl: str) -> tuple[dict[str, str], AbstractContextManager[None]]:
-    """(keyword arguments, context) that make a call of ``prefrank.ops.<op_name>`` run ``impl``."""
-    if op_name in _OPS_TAKING_IMPL:
-        return {"impl": impl}, nullcontext()
-    return {}, nullcontext() if impl == "auto" else backend.use_backend(impl)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -464,14 +448,11 @@ def listwise_dpo_loss(policy_logps: Tensor, ref_logps: Tensor, *, groups: Tensor
         _check_scored(valid, policy_logps=policy, ref_logps=ref)
         _check_rewards(raw, valid, "policy_logps", "ref_logps", finite=ranker == "sortnet")
     rewards = torch.where(valid, raw, 0)  # padding may hold garbage (NaN logps): keep it out of the ops
-    op_kwargs, op_context = _op_impl("plackett_luce_nll" if ranker == "plackett_luce" else "sortnet_rank_loss",
-                                     impl)
-    with op_context:
-        if ranker == "plackett_luce":
-            per_list = ops.plackett_luce_nll(rewards, ranking=ranking_f, groups=groups_f, mask=mask_f,
-                                             top_k=top_k, ties=ties, **op_kwargs)
-        else:
-            per_list = ops.sortnet_rank_loss(rewards, level, reduction="none", **sortnet_kwargs, **op_kwargs)
+    if ranker == "plackett_luce":
+        per_list = ops.plackett_luce_nll(rewards, ranking=ranking_f, groups=groups_f, mask=mask_f, top_k=top_k,
+                                         ties=ties, impl=impl)
+    else:
+        per_list = ops.sortnet_rank_loss(rewards, level, reduction="none", **sortnet_kwargs, impl=impl)
     ranked = level.amax(-1) >= 1
     if checking:
         _require_ranked_lists(level, "listwise_dpo_loss")
@@ -521,9 +502,7 @@ def _top1_pl(r_pos: Tensor, r_negs: Tensor, levels: Tensor, impl: str) -> Tensor
     by the Plackett-Luce op (top_k=1 over levels [0, 1, …, 1]). A list without a valid negative scores 0."""
     r_negs = torch.where(levels[:, 1:] >= 0, r_negs, 0)  # padding may hold garbage; keep it out of the op
     scores = torch.cat([r_pos[:, None], r_negs], dim=-1)
-    op_kwargs, op_context = _op_impl("plackett_luce_nll", impl)
-    with op_context:
-        return ops.plackett_luce_nll(scores, groups=levels, top_k=1, **op_kwargs)
+    return ops.plackett_luce_nll(scores, groups=levels, top_k=1, impl=impl)
 
 
 def _check_pos_negs(pos_names: tuple[str, str], neg_names: tuple[str, str], pos: tuple[Tensor, Tensor],
@@ -584,7 +563,7 @@ def sdpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor
 # ------------------------------------------------------------------------------------------------------------
 
 def _within_group_term(rewards: Tensor, level: Tensor, ranking: Tensor, valid: Tensor, checking: bool,
-                       sort_options: dict[str, object], op_kwargs: dict[str, str]) -> Tensor:
+                       sort_options: dict[str, object], impl: str) -> Tensor:
     """Per-list within-group loss: each group with ≥ 2 items sorted on its own against its internal order.
 
     The internal order comes from ``ranking`` (best-first item indices, consistent with the groups): the
@@ -615,7 +594,7 @@ def _within_group_term(rewards: Tensor, level: Tensor, ranking: Tensor, valid: T
     multi = member.sum(-1) >= 2                                                         # (N, C)
     sub_loss = ops.sortnet_rank_loss(rewards[:, None, :].expand(N, K, K).reshape(N * K, K),
                                      sub_groups.reshape(N * K, K), target="block", reduction="none",
-                                     **sort_options, **op_kwargs).reshape(N, K).to(rewards.dtype)
+                                     **sort_options, impl=impl).reshape(N, K).to(rewards.dtype)
     return torch.where(multi, sub_loss, 0).sum(-1) / multi.sum(-1).clamp(min=1)
 
 
@@ -696,17 +675,15 @@ def smpro_loss(policy_logps: Tensor, ref_logps: Tensor, groups: Tensor, *, beta:
         _check_rewards(raw, valid, "policy_logps", "ref_logps", finite=True)
     rewards = torch.where(valid, raw, 0)  # padding may hold garbage
     sort_options = {"network": network, "relaxation": relaxation, "steepness": steepness}
-    op_kwargs, op_context = _op_impl("sortnet_rank_loss", impl)
-    with op_context:
-        across = ops.sortnet_rank_loss(rewards, level, target="block", reduction="none", **sort_options,
-                                       **op_kwargs).to(acc)
-        anchor = torch.where(positive, F.softplus(-rewards), 0).sum(-1) / positive.sum(-1).clamp(min=1)
-        per_list = across + anchor_weight * anchor
-        terms = {"loss/across": across, "loss/anchor": anchor}
-        if within_weight > 0:
-            within = _within_group_term(rewards, level, ranking_f, valid, checking, sort_options, op_kwargs)
-            per_list = per_list + within_weight * within
-            terms["loss/within"] = within
+    across = ops.sortnet_rank_loss(rewards, level, target="block", reduction="none", **sort_options,
+                                   impl=impl).to(acc)
+    anchor = torch.where(positive, F.softplus(-rewards), 0).sum(-1) / positive.sum(-1).clamp(min=1)
+    per_list = across + anchor_weight * anchor
+    terms = {"loss/across": across, "loss/anchor": anchor}
+    if within_weight > 0:
+        within = _within_group_term(rewards, level, ranking_f, valid, checking, sort_options, impl)
+        per_list = per_list + within_weight * within
+        terms["loss/within"] = within
     loss = _nan_unless(has_positive, per_list).mean()
     metrics = {name: term.detach().mean() for name, term in terms.items()}
     metrics.update(_reward_metrics(rewards, level, K))

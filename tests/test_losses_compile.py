@@ -6,8 +6,7 @@ Two variants of each check:
 - ``*_loss_code``: the ops the losses call are replaced by stand-ins (``prefrank.reference``'s Plackett-Luce,
   a simple differentiable function for the sorting-network loss), so a failure is in prefrank/losses.py or
   prefrank/_lists.py itself. Binding now.
-- ``*_full``: the real ``prefrank.ops``. Expected to fail while the op layer of #11 has not landed (ops
-  without ``impl=``: their data checks still read values); binding once it has.
+- ``*_full``: the real ``prefrank.ops`` (custom ops of the #11 op layer).
 """
 
 from __future__ import annotations
@@ -91,15 +90,10 @@ INDUCTOR_IDS = ["dpo-sigmoid", "listwise-groups-mask-efron-top2", "listwise-sort
 
 
 def _full(index: int, dynamic: bool | None = None):
-    """A full-path case: expected to fail (strictly) while an op it calls predates the #11 op layer (no impl=,
-    value-reading checks); the sortnet op landed first, the Plackett-Luce op is pending."""
-    name = IDS[index]
-    uses_pl = name.startswith(("listwise", "sdpo", "misp")) and "sortnet" not in name and name != "listwise-module"
-    waiting = uses_pl and "plackett_luce_nll" not in losses._OPS_TAKING_IMPL
+    """A full-path case (the real ops) with a readable id."""
     suffix = "" if dynamic is None else f"-{'dynamic' if dynamic else 'static'}"
     args = (index,) if dynamic is None else (index, dynamic)
-    return pytest.param(*args, id=name + suffix, marks=pytest.mark.xfail(
-        waiting, reason="the #11 Plackett-Luce op has not landed", strict=False))
+    return pytest.param(*args, id=IDS[index] + suffix)
 
 
 def _stub_sortnet_rank_loss(scores, groups, *, reduction="mean", **options):

@@ -319,15 +319,7 @@ def test_dpo_double_backward_works():
         assert torch.autograd.gradgradcheck(fn, tensors)
 
 
-def _until_pl_lands(name: str):
-    """Plackett-Luce-based losses wait for the #11 PL op (double backward implemented or a clear error)."""
-    waiting = name in ("listwise", "sdpo", "misp") and "plackett_luce_nll" not in losses._OPS_TAKING_IMPL
-    return pytest.param(name, marks=pytest.mark.xfail(waiting, reason="the #11 Plackett-Luce op has not landed",
-                                                      strict=True))
-
-
-@pytest.mark.parametrize("name", [_until_pl_lands(n) for n in ["listwise", "listwise_sortnet", "sdpo", "smpro",
-                                                               "misp"]])
+@pytest.mark.parametrize("name", ["listwise", "listwise_sortnet", "sdpo", "smpro", "misp"])
 def test_second_order_gradient_is_never_a_silent_zero(seed, name):
     """Either the Hessian-vector product equals the pure-PyTorch one (impl="reference"), or the op raises."""
     torch.manual_seed(seed)
