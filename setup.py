@@ -1,17 +1,22 @@
-"""Build prefrank and its compiled extension ``prefrank._C``.
+"""Build prefrank and its compiled extension ``prefrank._C`` (package metadata lives in pyproject.toml).
 
 Always builds the C++ CPU kernels (with OpenMP on compile *and* link, or ``at::parallel_for`` runs serially).
 Adds the CUDA kernels when torch is a CUDA build and nvcc is found (``PREFRANK_CUDA=0/1`` forces it off/on),
 for sm_80 and sm_90 unless ``TORCH_CUDA_ARCH_LIST`` says otherwise.
 
-Install with ``pip install --no-build-isolation -e .`` so the extension is compiled against the torch that
-will import it.
+The extension links against torch's C++ library, so it must be compiled against the torch that will import
+it: install torch first, then ``pip install --no-build-isolation .`` (``-e .`` for development; ``make build``
+does that). Next to the extension the build writes ``prefrank/_build_info.json`` (torch, CUDA, flags it was
+built with), which ``python -m prefrank.doctor`` and the extension's ImportError report.
 """
 
 import glob
 import hashlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -38,8 +43,14 @@ if _toolkit:
     os.environ["CUDA_HOME"] = _toolkit
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-import torch  # noqa: E402
-from setuptools import setup  # noqa: E402
+try:
+    import torch
+except ImportError:
+    sys.exit("prefrank compiles its extension against the installed torch, and none was found in this build "
+             "environment. Install torch first, then build without pip's build isolation (an isolated build "
+             "would not see your torch): pip install --no-build-isolation prefrank  (in a source tree: pip "
+             "install --no-build-isolation .)")
+from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
@@ -62,29 +73,60 @@ def want_cuda():
     return bool(torch.version.cuda) and _toolkit is not None
 
 
-def extension():
-    cuda = want_cuda()
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--resource-usage"]
+
+
+def extension(cuda):
     cpu_sources = sorted(p for p in glob.glob("csrc/*.cpp") if not p.endswith("_cuda_glue.cpp"))
     define = [("PREFRANK_SOURCE_HASH", f'"{source_hash()}"'), ("PREFRANK_WITH_CUDA", "1" if cuda else "0")]
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     if not cuda:
         return CppExtension("prefrank._C", cpu_sources, define_macros=define,
-                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                            extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])
     cuda_sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*_cuda_glue.cpp"))
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--resource-usage"]
     return CUDAExtension("prefrank._C", cpu_sources + cuda_sources, define_macros=define,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+                         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=["-fopenmp"])
 
+
+def nvcc_version():
+    nvcc = Path(_toolkit, "bin", "nvcc") if _toolkit else None
+    if nvcc is None or not nvcc.exists():
+        return None
+    output = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout
+    return next((line.strip() for line in output.splitlines() if "release" in line), output.strip() or None)
+
+
+def build_info(cuda):
+    """What this build was compiled against: written next to the extension for prefrank.doctor."""
+    return {"source_hash": source_hash(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "with_cuda": cuda, "python": sys.version.split()[0],
+            "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI), "cxx_flags": CXX_FLAGS,
+            "nvcc_flags": NVCC_FLAGS if cuda else None, "cuda_home": _toolkit if cuda else None,
+            "nvcc": nvcc_version() if cuda else None,
+            "cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"] if cuda else None}
+
+
+class BuildExtensionWithInfo(BuildExtension.with_options(use_ninja=True)):
+    def build_extensions(self):
+        super().build_extensions()
+        self._write_build_info(Path(self.get_ext_fullpath("prefrank._C")).parent)
+
+    def copy_extensions_to_source(self):  # --inplace and editable installs: next to the copied extension
+        super().copy_extensions_to_source()
+        self._write_build_info(Path(self.get_finalized_command("build_py").get_package_dir("prefrank")))
+
+    @staticmethod
+    def _write_build_info(folder):
+        (folder / "_build_info.json").write_text(json.dumps(build_info(CUDA), indent=1) + "\n")
+
+
+CUDA = want_cuda()
+# prefrank.triton_kernels lives in triton_kernels/ (mapped below); a checkout may also hold a symlink to it
+PACKAGES = find_packages(include=["prefrank", "prefrank.*"], exclude=["prefrank.triton_kernels"])
 
 setup(
-    name="prefrank",
-    version="0.1.0",
-    description="Fused GPU kernels and drop-in losses for listwise and group preference alignment",
-    python_requires=">=3.10",
-    packages=["prefrank", "prefrank.triton_kernels", "prefrank.train"],
+    packages=[*PACKAGES, "prefrank.triton_kernels"],
     package_dir={"prefrank.triton_kernels": "triton_kernels"},
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"], "train": ["transformers", "safetensors", "pillow", "tqdm"]},
+    ext_modules=[extension(CUDA)],
+    cmdclass={"build_ext": BuildExtensionWithInfo},
 )

@@ -1,5 +1,6 @@
 """Benchmark cases of the preference losses: the whole loss (validation, rewards, ranking op, metrics) on
-the compiled kernels ("prefrank") vs the same loss forced onto the pure-PyTorch references ("reference")."""
+the compiled kernels ("prefrank"); the same loss forced onto the pure-PyTorch references ("reference", the
+oracle) is its correctness check. No peer implements these listwise losses."""
 
 import torch
 
@@ -11,6 +12,7 @@ def _loss_case(op, shape, impl, device, build):
     backend = "reference" if impl == "reference" else "auto"
 
     def make():
+        torch.manual_seed(0)  # the same inputs for every impl (run.py compares their results)
         fn, tensors = build(device)
         leaves = [t.requires_grad_() if t.is_floating_point() else t for t in tensors]
 
@@ -18,11 +20,13 @@ def _loss_case(op, shape, impl, device, build):
             with ops.use_backend(backend), torch.no_grad():
                 return fn(leaves).loss
 
-        def forward_backward():
+        def forward_backward():  # hands the gradients over: nothing stays alive between calls
             with ops.use_backend(backend):
-                loss = fn(leaves).loss
-                loss.backward()
-            return loss
+                fn(leaves).loss.backward()
+            grads = [leaf.grad for leaf in leaves if leaf.requires_grad]
+            for leaf in leaves:
+                leaf.grad = None
+            return grads
 
         return forward, forward_backward
 
@@ -55,10 +59,11 @@ def _misp(B, K):
     return build
 
 
-def cases(device):
+def cases(device, quick=False):
+    B = 8 if quick else 4096
     out = []
     for impl in ("prefrank", "reference"):
-        out.append(_loss_case("listwise_dpo_loss", "B=4096,K=16", impl, device, _listwise(4096, 16)))
-        out.append(_loss_case("smpro_loss", "B=256,K=8", impl, device, _smpro(256, 8)))
-        out.append(_loss_case("misp_dpo_loss", "B=4096,K=3", impl, device, _misp(4096, 3)))
+        out.append(_loss_case("listwise_dpo_loss", f"B={B},K=16", impl, device, _listwise(B, 16)))
+        out.append(_loss_case("smpro_loss", f"B={min(B, 256)},K=8", impl, device, _smpro(min(B, 256), 8)))
+        out.append(_loss_case("misp_dpo_loss", f"B={B},K=3", impl, device, _misp(B, 3)))
     return out

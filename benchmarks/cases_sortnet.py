@@ -6,8 +6,12 @@ import torch
 
 from benchmarks.harness import Case
 
-SHAPES = ((4096, 8, "odd_even"), (1024, 32, "odd_even"), (256, 128, "bitonic"), (16, 512, "bitonic"))
-LOSS_SHAPES = ((1024, 32, "odd_even"), (256, 128, "bitonic"))
+# the shapes first (a run cut short by a time limit has them), then the others and small lists
+SHAPES = ((1024, 32, "odd_even"), (256, 128, "bitonic"), (4096, 8, "odd_even"), (16, 512, "bitonic"),
+          (64, 16, "bitonic"), (16, 4, "odd_even"))
+LOSS_SHAPES = ((1024, 32, "odd_even"), (256, 128, "bitonic"), (64, 16, "odd_even"))
+QUICK_SHAPES = ((8, 4, "odd_even"), (4, 8, "bitonic"))
+QUICK_LOSS_SHAPES = ((8, 4, "odd_even"),)
 STEEPNESS = 10.0
 RELAXATION = "cauchy"
 
@@ -108,16 +112,18 @@ def _diffsort_loss(B, n, network, device):
     return make
 
 
-def cases(device):
+def cases(device, quick=False):
     out = []
-    for B, n, network in SHAPES:
+    for B, n, network in QUICK_SHAPES if quick else SHAPES:
         shape = f"B={B},n={n},{network}"
         for impl, factory in (("prefrank", _prefrank), ("diffsort", _diffsort)):
             out.append(Case(op="soft_sort", shape=shape, dtype="float32", impl=impl,
-                            make=factory(B, n, network, device), device=device))
-    for B, n, network in LOSS_SHAPES:
+                            make=factory(B, n, network, device), device=device,
+                            requires=("diffsort",) if impl == "diffsort" else ()))
+    for B, n, network in QUICK_LOSS_SHAPES if quick else LOSS_SHAPES:
         shape = f"B={B},n={n},{network}"
         for impl, factory in (("prefrank", _prefrank_loss), ("diffsort", _diffsort_loss)):
             out.append(Case(op="sortnet_rank_loss", shape=shape, dtype="float32", impl=impl,
-                            make=factory(B, n, network, device), device=device))
+                            make=factory(B, n, network, device), device=device,
+                            requires=("diffsort",) if impl == "diffsort" else ()))
     return out

@@ -1,9 +1,18 @@
-// Plackett-Luce NLL: operator schemas and CPU kernels (one list per at::parallel_for task).
+// Plackett-Luce NLL: kernel schemas (private library prefrank_C) and CPU kernels.
+//
+// One pass per list straight from the user's tensors (any strides, no canonicalisation copies): the list's
+// order is built, validated and scored in cache-resident per-thread buffers (plackett_luce_math.h); a chunk of
+// lists per at::parallel_for task. Called only through the custom ops of prefrank/plackett_luce.py.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "output_alloc.h"
@@ -12,57 +21,362 @@
 namespace prefrank {
 namespace {
 
-void check_layout(const at::Tensor& scores, const at::Tensor& order, const at::Tensor& level) {
+// The tensors of one call, checked for layout (values are checked per list by the kernels).
+struct Batch {
+  int64_t B, K, mode;
+  const int64_t* order = nullptr;
+  int64_t order_sb = 0, order_sk = 0;
+  const bool* mask = nullptr;
+  int64_t mask_sb = 0, mask_sk = 0;
+
+  template <typename scalar_t>
+  pl::ListInputs<scalar_t> list(const scalar_t* scores, int64_t sb, int64_t sk, int64_t b) const {
+    return {scores + b * sb, sk, order ? order + b * order_sb : nullptr, order_sk,
+            mask ? mask + b * mask_sb : nullptr, mask_sk, K, mode};
+  }
+};
+
+Batch batch_of(const at::Tensor& scores, const std::optional<at::Tensor>& ranking,
+               const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& mask, int64_t ties) {
   TORCH_CHECK(scores.dim() == 2, "plackett_luce: scores must be (lists, items)");
-  TORCH_CHECK(order.scalar_type() == at::kLong && level.scalar_type() == at::kLong,
-              "plackett_luce: order and level must be int64");
-  TORCH_CHECK(order.sizes() == scores.sizes() && level.sizes() == scores.sizes(),
-              "plackett_luce: order and level must match scores' shape");
-  TORCH_CHECK(order.is_contiguous() && level.is_contiguous(), "plackett_luce: order/level must be contiguous");
+  TORCH_CHECK(!(ranking && groups), "plackett_luce: ranking and groups are exclusive");
+  TORCH_CHECK(ties == pl::kBreslow || ties == pl::kEfron, "plackett_luce: unknown ties code ", ties);
+  Batch batch{scores.size(0), scores.size(1), pl::kByPlace};
+  TORCH_CHECK(batch.K < (int64_t(1) << 31), "plackett_luce: lists longer than 2^31 items are not supported");
+  const std::optional<at::Tensor>& order = ranking ? ranking : groups;
+  if (order) {
+    TORCH_CHECK(order->scalar_type() == at::kLong && order->sizes() == scores.sizes() &&
+                    order->device() == scores.device(),
+                "plackett_luce: ranking/groups must be int64 shaped like scores");
+    batch.mode = ranking ? pl::kByRanking : pl::kByGroups;
+    batch.order = order->const_data_ptr<int64_t>();
+    batch.order_sb = order->stride(0);
+    batch.order_sk = order->stride(1);
+  }
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->sizes() == scores.sizes() &&
+                    mask->device() == scores.device(),
+                "plackett_luce: mask must be bool shaped like scores");
+    batch.mask = mask->const_data_ptr<bool>();
+    batch.mask_sb = mask->stride(0);
+    batch.mask_sk = mask->stride(1);
+  }
+  return batch;
 }
 
-at::Tensor plackett_luce_nll_fwd_cpu(const at::Tensor& scores, const at::Tensor& order, const at::Tensor& level,
+at::ScalarType acc_dtype(const at::Tensor& scores) {
+  return scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Per-task buffers of the canonical order (reused across the task's lists: they stay in L1/L2).
+struct Workspace {
+  std::vector<int32_t> item;
+  std::vector<int64_t> key;
+  std::vector<uint8_t> seen;
+  explicit Workspace(int64_t K) : item(K), key(K), seen(K, 0) {}
+};
+
+constexpr int64_t kGrainItems = 16384;  // items per parallel task: amortises the task start
+
+// ---------------------------------------------------------------------------------------------------------
+// Fast path: full rankings / best-first order without ties or mask, fp32 accumulation, kLanes lists at once.
+//
+// The lists of a block are transposed into a (place, lane) tile, so every step of the scan is one
+// operation across kLanes lists: plain float loops the compiler vectorises (an AVX2 clone is selected at run
+// time), with exp/log as branch-free polynomials (Cephes expf/logf, ≤ 2 ulp) instead of libm calls. Forward
+// per place: m' = max(m, x), sum = sum·e^{m−m'} + e^{x−m'}, NLL += (m' − x) + log sum. Backward: the same
+// scan stores π_p = e^{x_p − m'}/sum and S_{p+1}/S_p, then R_p = R_{p−1}·S_p/S_{p−1} + [p scored] and
+// ∂/∂x_p = π_p·R_p − [p scored] (plackett_luce_math.h). Padding places hold x = -inf (weight 0, never
+// scored). Lists with a -inf, NaN or +inf score or a bad ranking take the scalar path (their lane is
+// recomputed by the per-list code, which implements those cases).
+// ---------------------------------------------------------------------------------------------------------
+namespace fast {
+// Without trapping math GCC if-converts the selects below and vectorises the lane loops (nothing here
+// relies on floating-point exceptions).
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+
+constexpr int64_t kLanes = 16;
+constexpr float kExpFloor = -87.0f;  // e^x below it is taken as 0 (< 2e-38, invisible next to sum ≥ 1)
+
+// e^x for x ≤ 0 (Cephes expf: x = n·ln2 + r, e^r by a degree-6 polynomial, 2^n through the exponent bits).
+inline float exp_nonpositive(float x) {
+  const float xc = x < kExpFloor ? kExpFloor : x;
+  const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  const float r2 = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return x < kExpFloor ? 0.0f : y * scale;
+}
+
+// log(x) for x ≥ 1 (the scan's sums; Cephes logf: x = 2^e·m, m in [√½, √2), log m by a polynomial).
+inline float log_at_least_one(float x) {
+  int32_t bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  float e = static_cast<float>((bits >> 23) - 126);
+  const int32_t mant_bits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  __builtin_memcpy(&m, &mant_bits, sizeof(m));
+  const bool small = m < 0.707106781186547524f;
+  e -= small ? 1.0f : 0.0f;
+  const float f = (small ? m + m : m) - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += e * -2.12194440e-4f;
+  y -= 0.5f * z;
+  return f + y + e * 0.693359375f;
+}
+
+// NLL of the tile's lanes: x and scored are (K, kLanes).
+__attribute__((target_clones("avx2", "default"))) void scan_forward(const float* x, const uint8_t* scored,
+                                                                     int64_t K, float* nll) {
+  float mx[kLanes], sum[kLanes], total[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    mx[l] = -3.4e38f;
+    sum[l] = 0.0f;
+    total[l] = 0.0f;
+  }
+  for (int64_t p = K - 1; p >= 0; --p) {
+    const float* xp = x + p * kLanes;
+    const uint8_t* sp = scored + p * kLanes;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float m_new = xp[l] > mx[l] ? xp[l] : mx[l];
+      sum[l] = sum[l] * exp_nonpositive(mx[l] - m_new) + exp_nonpositive(xp[l] - m_new);
+      mx[l] = m_new;
+      const float term = (m_new - xp[l]) + log_at_least_one(sum[l] > 1.0f ? sum[l] : 1.0f);
+      total[l] += sp[l] ? term : 0.0f;
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) nll[l] = total[l];
+}
+
+// grad (K, kLanes) = grad_nll · ∂NLL/∂x; share and ratio are (K, kLanes) scratch.
+__attribute__((target_clones("avx2", "default"))) void scan_backward(const float* x, const uint8_t* scored,
+                                                                      int64_t K, const float* grad_nll,
+                                                                      float* share, float* ratio, float* grad) {
+  float mx[kLanes], sum[kLanes], running[kLanes], ratio_prev[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    mx[l] = -3.4e38f;
+    sum[l] = 0.0f;
+  }
+  for (int64_t p = K - 1; p >= 0; --p) {
+    const float* xp = x + p * kLanes;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float m_new = xp[l] > mx[l] ? xp[l] : mx[l];
+      const float rest = sum[l] * exp_nonpositive(mx[l] - m_new);
+      const float own = exp_nonpositive(xp[l] - m_new);
+      sum[l] = rest + own;
+      mx[l] = m_new;
+      const float inv = sum[l] > 0.0f ? 1.0f / sum[l] : 0.0f;
+      share[p * kLanes + l] = own * inv;
+      ratio[p * kLanes + l] = rest * inv;
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    running[l] = 0.0f;
+    ratio_prev[l] = 0.0f;
+  }
+  for (int64_t p = 0; p < K; ++p) {
+    const uint8_t* sp = scored + p * kLanes;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float sc = sp[l] ? 1.0f : 0.0f;
+      running[l] = running[l] * ratio_prev[l] + sc;
+      ratio_prev[l] = ratio[p * kLanes + l];
+      grad[p * kLanes + l] = grad_nll[l] * (share[p * kLanes + l] * running[l] - sc);
+    }
+  }
+}
+
+// The tile of one block: x, scored, the item of every place, and which lanes need the scalar path.
+struct Tile {
+  std::vector<float> x, share, ratio, grad;
+  std::vector<uint8_t> scored, seen;
+  std::vector<int64_t> item;
+  explicit Tile(int64_t K, bool backward)
+      : x(K * kLanes), share(backward ? K * kLanes : 0), ratio(backward ? K * kLanes : 0),
+        grad(backward ? K * kLanes : 0), scored(K * kLanes), seen(K, 0), item(K * kLanes) {}
+};
+
+// Fills lane l of the tile from list b; false when the list needs the scalar path.
+template <typename scalar_t>
+bool load_lane(const Batch& batch, const scalar_t* s, int64_t sb, int64_t sk, int64_t b, int64_t l, int64_t top_k,
+               Tile& t) {
+  const int64_t K = batch.K;
+  const int64_t places = top_k < 0 ? K : top_k;
+  bool fine = true, padding = false;
+  for (int64_t p = 0; p < K; ++p) {
+    int64_t i = p;
+    if (batch.mode == pl::kByRanking) {
+      i = batch.order[b * batch.order_sb + p * batch.order_sk];
+      if (i < 0) {
+        fine &= i == -1;
+        padding = true;
+      } else if (padding || i >= K || t.seen[i]) {
+        fine = false;
+        i = -1;
+      } else {
+        t.seen[i] = 1;
+      }
+    }
+    float v = -std::numeric_limits<float>::infinity();
+    if (i >= 0) {
+      v = static_cast<float>(s[b * sb + i * sk]);
+      fine &= std::isfinite(v);
+    }
+    t.x[p * kLanes + l] = v;
+    t.scored[p * kLanes + l] = i >= 0 && p < places;
+    t.item[p * kLanes + l] = i;
+  }
+  if (batch.mode == pl::kByRanking)
+    for (int64_t p = 0; p < K; ++p) {
+      const int64_t i = t.item[p * kLanes + l];
+      if (i >= 0) t.seen[i] = 0;
+    }
+  if (!fine)
+    for (int64_t p = 0; p < K; ++p) {  // keep the lane harmless; the scalar path overwrites its result
+      t.x[p * kLanes + l] = 0.0f;
+      t.scored[p * kLanes + l] = 0;
+    }
+  return fine;
+}
+
+bool applies(const Batch& batch, at::ScalarType dtype) {
+  return dtype != at::kDouble && batch.mask == nullptr && batch.mode != pl::kByGroups && batch.K > 0;
+}
+
+#pragma GCC pop_options
+
+}  // namespace fast
+
+int64_t grain(int64_t K) { return std::max<int64_t>(1, kGrainItems / std::max<int64_t>(K, 1)); }
+
+at::Tensor plackett_luce_nll_fwd_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& ranking,
+                                     const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& mask,
                                      int64_t top_k, int64_t ties) {
-  check_layout(scores, order, level);
-  const int64_t B = scores.size(0), K = scores.size(1);
-  const auto out_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor nll = new_output({B}, scores.options().dtype(out_dtype));
+  const Batch batch = batch_of(scores, ranking, groups, mask, ties);
+  at::Tensor nll = new_output({batch.B}, scores.options().dtype(acc_dtype(scores)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "plackett_luce_nll_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* s = scores.const_data_ptr<scalar_t>();
     const int64_t sb = scores.stride(0), sk = scores.stride(1);
-    const int64_t* o = order.const_data_ptr<int64_t>();
-    const int64_t* l = level.const_data_ptr<int64_t>();
     acc_t* out = nll.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        out[b] = pl::list_nll<acc_t>(s + b * sb, sk, o + b * K, l + b * K, K, top_k, ties);
+    const bool vectorised = fast::applies(batch, scores.scalar_type());
+    at::parallel_for(0, batch.B, grain(batch.K), [&](int64_t begin, int64_t end) {
+      Workspace ws(batch.K);
+      auto scalar_list = [&](int64_t b) {
+        const auto list = batch.list(s, sb, sk, b);
+        const int64_t n = pl::canonical_list(list, ws.item.data(), ws.key.data(), ws.seen.data());
+        out[b] = pl::list_nll<acc_t>(list, ws.item.data(), ws.key.data(), n, top_k, ties);
+      };
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (vectorised) {
+          fast::Tile tile(batch.K, false);
+          float block_nll[fast::kLanes];
+          for (int64_t b0 = begin; b0 < end; b0 += fast::kLanes) {
+            const int64_t lanes = std::min(fast::kLanes, end - b0);
+            bool fine[fast::kLanes];
+            for (int64_t l = 0; l < fast::kLanes; ++l)
+              fine[l] = l < lanes && fast::load_lane(batch, s, sb, sk, b0 + l, l, top_k, tile);
+            for (int64_t l = lanes; l < fast::kLanes; ++l)
+              for (int64_t p = 0; p < batch.K; ++p) {
+                tile.x[p * fast::kLanes + l] = 0.0f;
+                tile.scored[p * fast::kLanes + l] = 0;
+              }
+            fast::scan_forward(tile.x.data(), tile.scored.data(), batch.K, block_nll);
+            for (int64_t l = 0; l < lanes; ++l) {
+              if (fine[l]) out[b0 + l] = block_nll[l];
+              else scalar_list(b0 + l);
+            }
+          }
+          return;
+        }
+      }
+      for (int64_t b = begin; b < end; ++b) scalar_list(b);
     });
   });
   return nll;
 }
 
-at::Tensor plackett_luce_nll_bwd_cpu(const at::Tensor& grad_nll, const at::Tensor& scores, const at::Tensor& order,
-                                     const at::Tensor& level, int64_t top_k, int64_t ties) {
-  check_layout(scores, order, level);
-  const int64_t B = scores.size(0), K = scores.size(1);
-  at::Tensor grad = new_output({B, K}, scores.options());
-  const auto acc_dtype = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor g = grad_nll.to(acc_dtype).contiguous();
-  TORCH_CHECK(g.numel() == B, "plackett_luce: grad_nll must have one element per list");
+at::Tensor plackett_luce_nll_bwd_cpu(const at::Tensor& grad_nll, const at::Tensor& scores,
+                                     const std::optional<at::Tensor>& ranking, const std::optional<at::Tensor>& groups,
+                                     const std::optional<at::Tensor>& mask, int64_t top_k, int64_t ties) {
+  const Batch batch = batch_of(scores, ranking, groups, mask, ties);
+  TORCH_CHECK(grad_nll.dim() == 1 && grad_nll.size(0) == batch.B, "plackett_luce: grad_nll must be (lists,)");
+  const at::Tensor g = grad_nll.to(acc_dtype(scores));  // no copy in the usual case (already the nll's dtype)
+  at::Tensor grad = new_output({batch.B, batch.K}, scores.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "plackett_luce_nll_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* s = scores.const_data_ptr<scalar_t>();
     const int64_t sb = scores.stride(0), sk = scores.stride(1);
-    const int64_t* o = order.const_data_ptr<int64_t>();
-    const int64_t* l = level.const_data_ptr<int64_t>();
     const acc_t* gn = g.const_data_ptr<acc_t>();
+    const int64_t gs = g.stride(0);  // 0 when broadcast from a scalar (reduction="sum"/"mean")
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> workspace(2 * K);
-      for (int64_t b = begin; b < end; ++b)
-        pl::list_nll_backward<acc_t>(gn[b], s + b * sb, sk, o + b * K, l + b * K, K, top_k, ties, out + b * K, 1,
-                                     workspace.data());
+    const bool vectorised = fast::applies(batch, scores.scalar_type());
+    at::parallel_for(0, batch.B, grain(batch.K), [&](int64_t begin, int64_t end) {
+      Workspace ws(batch.K);
+      std::vector<acc_t> acc(3 * batch.K);
+      auto scalar_list = [&](int64_t b) {
+        const auto list = batch.list(s, sb, sk, b);
+        const int64_t n = pl::canonical_list(list, ws.item.data(), ws.key.data(), ws.seen.data());
+        pl::list_nll_backward<acc_t>(gn[b * gs], list, ws.item.data(), ws.key.data(), n, top_k, ties,
+                                     out + b * batch.K, 1, acc.data(), acc.data() + batch.K,
+                                     acc.data() + 2 * batch.K);
+      };
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (vectorised) {
+          fast::Tile tile(batch.K, true);
+          float block_grad_nll[fast::kLanes];
+          for (int64_t b0 = begin; b0 < end; b0 += fast::kLanes) {
+            const int64_t lanes = std::min(fast::kLanes, end - b0);
+            bool fine[fast::kLanes];
+            for (int64_t l = 0; l < fast::kLanes; ++l) {
+              fine[l] = l < lanes && fast::load_lane(batch, s, sb, sk, b0 + l, l, top_k, tile);
+              block_grad_nll[l] = l < lanes ? gn[(b0 + l) * gs] : 0.0f;
+            }
+            for (int64_t l = lanes; l < fast::kLanes; ++l)
+              for (int64_t p = 0; p < batch.K; ++p) {
+                tile.x[p * fast::kLanes + l] = 0.0f;
+                tile.scored[p * fast::kLanes + l] = 0;
+              }
+            fast::scan_backward(tile.x.data(), tile.scored.data(), batch.K, block_grad_nll, tile.share.data(),
+                                tile.ratio.data(), tile.grad.data());
+            for (int64_t l = 0; l < lanes; ++l) {
+              const int64_t b = b0 + l;
+              if (!fine[l]) {
+                scalar_list(b);
+                continue;
+              }
+              scalar_t* row = out + b * batch.K;
+              if (batch.mode == pl::kByRanking)  // items the ranking does not list (padding) get 0
+                for (int64_t i = 0; i < batch.K; ++i) row[i] = scalar_t(0);
+              for (int64_t p = 0; p < batch.K; ++p) {
+                const int64_t i = tile.item[p * fast::kLanes + l];
+                if (i >= 0) row[i] = static_cast<scalar_t>(tile.grad[p * fast::kLanes + l]);
+              }
+            }
+          }
+          return;
+        }
+      }
+      for (int64_t b = begin; b < end; ++b) scalar_list(b);
     });
   });
   return grad;
@@ -70,13 +384,14 @@ at::Tensor plackett_luce_nll_bwd_cpu(const at::Tensor& grad_nll, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(prefrank, m) {
-  m.def("plackett_luce_nll_fwd(Tensor scores, Tensor order, Tensor level, int top_k, int ties) -> Tensor");
-  m.def("plackett_luce_nll_bwd(Tensor grad_nll, Tensor scores, Tensor order, Tensor level, int top_k, "
+TORCH_LIBRARY_FRAGMENT(prefrank_C, m) {
+  m.def("plackett_luce_nll_fwd(Tensor scores, Tensor? ranking, Tensor? groups, Tensor? mask, int top_k, "
         "int ties) -> Tensor");
+  m.def("plackett_luce_nll_bwd(Tensor grad_nll, Tensor scores, Tensor? ranking, Tensor? groups, Tensor? mask, "
+        "int top_k, int ties) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(prefrank, CPU, m) {
+TORCH_LIBRARY_IMPL(prefrank_C, CPU, m) {
   m.impl("plackett_luce_nll_fwd", &plackett_luce_nll_fwd_cpu);
   m.impl("plackett_luce_nll_bwd", &plackett_luce_nll_bwd_cpu);
 }

@@ -1,9 +1,11 @@
 // Plackett-Luce NLL CUDA kernels: one thread per list running the shared per-list math
-// (plackett_luce_math.h, the same code the CPU kernels run and the CPU tests check).
+// (plackett_luce_math.h, the same code the CPU kernels run and the CPU tests check), with the canonical order
+// built in a global scratch buffer laid out item-major ([K][B]): element p of every list of a warp sits in
+// consecutive addresses, so the scratch traffic (the bulk of the memory accesses) is coalesced. Scores,
+// ranking, groups and mask are read in place with their strides (no copies).
 //
-// One thread per list suits the common shape (many short lists: B in the thousands, K ≤ 64): loads of
-// neighbouring threads hit neighbouring rows and nothing waits on shared memory or barriers. Lists of any
-// length K work (no shared-memory cap); very long lists with few rows would want a warp-cooperative scan.
+// Known limit (issue #12): a warp still walks 32 separate rows of the scores; a warp-cooperative kernel with
+// a shared-memory tile of the rows would coalesce those loads too. Not measured: no GPU was available.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -14,85 +16,122 @@ namespace prefrank {
 namespace cuda {
 namespace {
 
+// __launch_bounds__(kThreads, 1): with the default bounds ptxas spilled 8-16 bytes in the fp64 kernels
 constexpr int kThreads = 128;
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) nll_fwd_kernel(const scalar_t* __restrict__ scores, int64_t stride_b,
-                                                           int64_t stride_k, const int64_t* __restrict__ order,
-                                                           const int64_t* __restrict__ level, int64_t B, int64_t K,
-                                                           int64_t top_k, int64_t ties, acc_t* __restrict__ nll) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (b >= B) return;
-  nll[b] = pl::list_nll<acc_t>(scores + b * stride_b, stride_k, order + b * K, level + b * K, K, top_k, ties);
+template <typename acc_t>
+struct Scratch {  // item-major per-list buffers carved out of one allocation
+  int32_t* item;
+  int64_t* key;
+  uint8_t* seen;
+  acc_t* acc;  // 3 buffers (backward only)
+
+  static int64_t bytes(int64_t B, int64_t K, bool backward) {
+    const int64_t n = B * K;
+    return n * (8 + 4 + 1) + 16 + (backward ? 3 * n * int64_t(sizeof(acc_t)) + 16 : 0);
+  }
+  __host__ __device__ static Scratch carve(void* base, int64_t B, int64_t K) {
+    const int64_t n = B * K;
+    char* p = static_cast<char*>(base);
+    Scratch s;
+    s.key = reinterpret_cast<int64_t*>(p);  // allocation is 256-byte aligned
+    s.item = reinterpret_cast<int32_t*>(p + n * 8);
+    s.seen = reinterpret_cast<uint8_t*>(p + n * 12);
+    const int64_t acc_offset = ((n * 13 + 16) + 15) / 16 * 16;
+    s.acc = reinterpret_cast<acc_t*>(p + acc_offset);
+    return s;
+  }
+};
+
+template <typename scalar_t>
+__device__ pl::ListInputs<scalar_t> list_of(const Lists& l, int64_t b) {
+  return {static_cast<const scalar_t*>(l.scores) + b * l.score_sb, l.score_sk,
+          l.order ? l.order + b * l.order_sb : nullptr, l.order_sk, l.mask ? l.mask + b * l.mask_sb : nullptr,
+          l.mask_sk, l.K, l.mode};
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) nll_bwd_kernel(const acc_t* __restrict__ grad_nll,
-                                                           const scalar_t* __restrict__ scores, int64_t stride_b,
-                                                           int64_t stride_k, const int64_t* __restrict__ order,
-                                                           const int64_t* __restrict__ level, int64_t B, int64_t K,
-                                                           int64_t top_k, int64_t ties, scalar_t* __restrict__ grad,
-                                                           acc_t* __restrict__ workspace) {
+__global__ void __launch_bounds__(kThreads, 1) nll_fwd_kernel(Lists lists, acc_t* __restrict__ nll, void* workspace) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (b >= B) return;
-  pl::list_nll_backward<acc_t>(grad_nll[b], scores + b * stride_b, stride_k, order + b * K, level + b * K, K, top_k,
-                               ties, grad + b * K, 1, workspace + b * 2 * K);
+  if (b >= lists.B) return;
+  const Scratch<acc_t> s = Scratch<acc_t>::carve(workspace, lists.B, lists.K);
+  const pl::Strided<int32_t> item{s.item + b, lists.B};
+  const pl::Strided<int64_t> key{s.key + b, lists.B};
+  const pl::Strided<uint8_t> seen{s.seen + b, lists.B};
+  const auto list = list_of<scalar_t>(lists, b);
+  const int64_t n = pl::canonical_list(list, item, key, seen);
+  nll[b] = pl::list_nll<acc_t>(list, item, key, n, lists.top_k, lists.ties);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, 1) nll_bwd_kernel(Lists lists, const acc_t* __restrict__ grad_nll,
+                                                           int64_t grad_nll_stride, scalar_t* __restrict__ grad,
+                                                           void* workspace) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (b >= lists.B) return;
+  const Scratch<acc_t> s = Scratch<acc_t>::carve(workspace, lists.B, lists.K);
+  const int64_t n_all = lists.B * lists.K;
+  const pl::Strided<int32_t> item{s.item + b, lists.B};
+  const pl::Strided<int64_t> key{s.key + b, lists.B};
+  const pl::Strided<uint8_t> seen{s.seen + b, lists.B};
+  const pl::Strided<acc_t> share{s.acc + b, lists.B}, ratio{s.acc + n_all + b, lists.B},
+      rho{s.acc + 2 * n_all + b, lists.B};
+  const auto list = list_of<scalar_t>(lists, b);
+  const int64_t n = pl::canonical_list(list, item, key, seen);
+  pl::list_nll_backward<acc_t>(grad_nll[b * grad_nll_stride], list, item, key, n, lists.top_k, lists.ties,
+                               grad + b * lists.K, 1, share, ratio, rho);
 }
 
 unsigned blocks_for(int64_t B) { return static_cast<unsigned>((B + kThreads - 1) / kThreads); }
 
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_fwd(const void* scores, int64_t sb, int64_t sk, const int64_t* order, const int64_t* level,
-                       int64_t B, int64_t K, int64_t top_k, int64_t ties, void* nll, cudaStream_t stream) {
-  if (B == 0) return cudaSuccess;
-  nll_fwd_kernel<scalar_t, acc_t><<<blocks_for(B), kThreads, 0, stream>>>(
-      static_cast<const scalar_t*>(scores), sb, sk, order, level, B, K, top_k, ties, static_cast<acc_t*>(nll));
+cudaError_t launch_fwd(const Lists& lists, void* nll, void* workspace, cudaStream_t stream) {
+  nll_fwd_kernel<scalar_t, acc_t>
+      <<<blocks_for(lists.B), kThreads, 0, stream>>>(lists, static_cast<acc_t*>(nll), workspace);
   return cudaGetLastError();
 }
 
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_bwd(const void* grad_nll, const void* scores, int64_t sb, int64_t sk, const int64_t* order,
-                       const int64_t* level, int64_t B, int64_t K, int64_t top_k, int64_t ties, void* grad,
-                       void* workspace, cudaStream_t stream) {
-  if (B == 0) return cudaSuccess;
-  nll_bwd_kernel<scalar_t, acc_t><<<blocks_for(B), kThreads, 0, stream>>>(
-      static_cast<const acc_t*>(grad_nll), static_cast<const scalar_t*>(scores), sb, sk, order, level, B, K, top_k,
-      ties, static_cast<scalar_t*>(grad), static_cast<acc_t*>(workspace));
+cudaError_t launch_bwd(const Lists& lists, const void* grad_nll, int64_t gs, void* grad, void* workspace,
+                       cudaStream_t stream) {
+  nll_bwd_kernel<scalar_t, acc_t><<<blocks_for(lists.B), kThreads, 0, stream>>>(
+      lists, static_cast<const acc_t*>(grad_nll), gs, static_cast<scalar_t*>(grad), workspace);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t plackett_luce_nll_fwd(Dtype dtype, const void* scores, int64_t sb, int64_t sk, const int64_t* order,
-                                  const int64_t* level, int64_t B, int64_t K, int64_t top_k, int64_t ties, void* nll,
-                                  cudaStream_t stream) {
-  switch (dtype) {
-    case Dtype::kFloat: return launch_fwd<float, float>(scores, sb, sk, order, level, B, K, top_k, ties, nll, stream);
-    case Dtype::kDouble:
-      return launch_fwd<double, double>(scores, sb, sk, order, level, B, K, top_k, ties, nll, stream);
-    case Dtype::kHalf: return launch_fwd<__half, float>(scores, sb, sk, order, level, B, K, top_k, ties, nll, stream);
-    case Dtype::kBFloat16:
-      return launch_fwd<__nv_bfloat16, float>(scores, sb, sk, order, level, B, K, top_k, ties, nll, stream);
+int64_t plackett_luce_workspace_bytes(const Lists& lists, bool backward) {
+  return lists.dtype == Dtype::kDouble ? Scratch<double>::bytes(lists.B, lists.K, backward)
+                                       : Scratch<float>::bytes(lists.B, lists.K, backward);
+}
+
+cudaError_t plackett_luce_nll_fwd(const Lists& lists, void* nll, void* workspace, cudaStream_t stream) {
+  if (lists.B == 0) return cudaSuccess;
+  // the kernels expect the "seen" marks zeroed (ranking mode); they leave them zeroed
+  const int64_t n = lists.B * lists.K;
+  cudaError_t err = cudaMemsetAsync(static_cast<char*>(workspace) + n * 12, 0, n, stream);
+  if (err != cudaSuccess) return err;
+  switch (lists.dtype) {
+    case Dtype::kFloat: return launch_fwd<float, float>(lists, nll, workspace, stream);
+    case Dtype::kDouble: return launch_fwd<double, double>(lists, nll, workspace, stream);
+    case Dtype::kHalf: return launch_fwd<__half, float>(lists, nll, workspace, stream);
+    case Dtype::kBFloat16: return launch_fwd<__nv_bfloat16, float>(lists, nll, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t plackett_luce_nll_bwd(Dtype dtype, const void* grad_nll, const void* scores, int64_t sb, int64_t sk,
-                                  const int64_t* order, const int64_t* level, int64_t B, int64_t K, int64_t top_k,
-                                  int64_t ties, void* grad, void* workspace, cudaStream_t stream) {
-  switch (dtype) {
-    case Dtype::kFloat:
-      return launch_bwd<float, float>(grad_nll, scores, sb, sk, order, level, B, K, top_k, ties, grad, workspace,
-                                      stream);
-    case Dtype::kDouble:
-      return launch_bwd<double, double>(grad_nll, scores, sb, sk, order, level, B, K, top_k, ties, grad, workspace,
-                                        stream);
-    case Dtype::kHalf:
-      return launch_bwd<__half, float>(grad_nll, scores, sb, sk, order, level, B, K, top_k, ties, grad, workspace,
-                                       stream);
-    case Dtype::kBFloat16:
-      return launch_bwd<__nv_bfloat16, float>(grad_nll, scores, sb, sk, order, level, B, K, top_k, ties, grad,
-                                              workspace, stream);
+cudaError_t plackett_luce_nll_bwd(const Lists& lists, const void* grad_nll, int64_t gs, void* grad, void* workspace,
+                                  cudaStream_t stream) {
+  if (lists.B == 0) return cudaSuccess;
+  const int64_t n = lists.B * lists.K;
+  cudaError_t err = cudaMemsetAsync(static_cast<char*>(workspace) + n * 12, 0, n, stream);
+  if (err != cudaSuccess) return err;
+  switch (lists.dtype) {
+    case Dtype::kFloat: return launch_bwd<float, float>(lists, grad_nll, gs, grad, workspace, stream);
+    case Dtype::kDouble: return launch_bwd<double, double>(lists, grad_nll, gs, grad, workspace, stream);
+    case Dtype::kHalf: return launch_bwd<__half, float>(lists, grad_nll, gs, grad, workspace, stream);
+    case Dtype::kBFloat16: return launch_bwd<__nv_bfloat16, float>(lists, grad_nll, gs, grad, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,12 +1,16 @@
-// Plackett-Luce NLL: CUDA dispatch-key implementations (torch glue around plackett_luce_cuda.cu).
+// Plackett-Luce NLL: CUDA dispatch-key implementations of the prefrank_C kernels (torch glue around
+// plackett_luce_cuda.cu). Layout checks only: values are checked by the kernels (NaN for a bad list), so
+// nothing here synchronises with the device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "output_alloc.h"
+#include <optional>
 
+#include "output_alloc.h"
 #include "plackett_luce_cuda.h"
+#include "plackett_luce_math.h"
 
 namespace prefrank {
 namespace {
@@ -21,50 +25,74 @@ cuda::Dtype storage_dtype(const at::Tensor& t) {
   }
 }
 
-void check_inputs(const at::Tensor& scores, const at::Tensor& order, const at::Tensor& level) {
-  TORCH_CHECK(scores.is_cuda() && order.is_cuda() && level.is_cuda(), "plackett_luce: expected CUDA tensors");
-  TORCH_CHECK(scores.dim() == 2 && order.sizes() == scores.sizes() && level.sizes() == scores.sizes(),
-              "plackett_luce: scores, order and level must all be (lists, items)");
-  TORCH_CHECK(order.scalar_type() == at::kLong && level.scalar_type() == at::kLong && order.is_contiguous() &&
-                  level.is_contiguous(),
-              "plackett_luce: order/level must be contiguous int64");
+cuda::Lists lists_of(const at::Tensor& scores, const std::optional<at::Tensor>& ranking,
+                     const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& mask, int64_t top_k,
+                     int64_t ties) {
+  TORCH_CHECK(scores.is_cuda() && scores.dim() == 2, "plackett_luce: scores must be a (lists, items) CUDA tensor");
+  TORCH_CHECK(!(ranking && groups), "plackett_luce: ranking and groups are exclusive");
+  TORCH_CHECK(ties == pl::kBreslow || ties == pl::kEfron, "plackett_luce: unknown ties code ", ties);
+  cuda::Lists l{storage_dtype(scores), scores.const_data_ptr(), scores.stride(0), scores.stride(1), nullptr, 0, 0,
+                nullptr, 0, 0, scores.size(0), scores.size(1), pl::kByPlace, top_k, ties};
+  const std::optional<at::Tensor>& order = ranking ? ranking : groups;
+  if (order) {
+    TORCH_CHECK(order->scalar_type() == at::kLong && order->sizes() == scores.sizes() &&
+                    order->device() == scores.device(),
+                "plackett_luce: ranking/groups must be int64 shaped like scores");
+    l.order = order->const_data_ptr<int64_t>();
+    l.order_sb = order->stride(0);
+    l.order_sk = order->stride(1);
+    l.mode = ranking ? pl::kByRanking : pl::kByGroups;
+  }
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->sizes() == scores.sizes() &&
+                    mask->device() == scores.device(),
+                "plackett_luce: mask must be bool shaped like scores");
+    l.mask = mask->const_data_ptr<bool>();
+    l.mask_sb = mask->stride(0);
+    l.mask_sk = mask->stride(1);
+  }
+  return l;
 }
 
-at::Tensor plackett_luce_nll_fwd_cuda(const at::Tensor& scores, const at::Tensor& order, const at::Tensor& level,
+at::Tensor workspace_for(const cuda::Lists& l, const at::Tensor& scores, bool backward) {
+  return at::empty({cuda::plackett_luce_workspace_bytes(l, backward)}, scores.options().dtype(at::kByte));
+}
+
+at::Tensor plackett_luce_nll_fwd_cuda(const at::Tensor& scores, const std::optional<at::Tensor>& ranking,
+                                      const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& mask,
                                       int64_t top_k, int64_t ties) {
-  check_inputs(scores, order, level);
   const c10::cuda::CUDAGuard guard(scores.device());
+  const cuda::Lists l = lists_of(scores, ranking, groups, mask, top_k, ties);
   const auto acc = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor nll = new_output({scores.size(0)}, scores.options().dtype(acc));
-  const cudaError_t err = cuda::plackett_luce_nll_fwd(
-      storage_dtype(scores), scores.const_data_ptr(), scores.stride(0), scores.stride(1), order.const_data_ptr<int64_t>(),
-      level.const_data_ptr<int64_t>(), scores.size(0), scores.size(1), top_k, ties, nll.mutable_data_ptr(),
-      c10::cuda::getCurrentCUDAStream());
+  at::Tensor workspace = workspace_for(l, scores, false);
+  const cudaError_t err =
+      cuda::plackett_luce_nll_fwd(l, nll.mutable_data_ptr(), workspace.mutable_data_ptr(),
+                                  c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "plackett_luce_nll_fwd launch failed: ", cudaGetErrorString(err));
   return nll;
 }
 
-at::Tensor plackett_luce_nll_bwd_cuda(const at::Tensor& grad_nll, const at::Tensor& scores, const at::Tensor& order,
-                                      const at::Tensor& level, int64_t top_k, int64_t ties) {
-  check_inputs(scores, order, level);
+at::Tensor plackett_luce_nll_bwd_cuda(const at::Tensor& grad_nll, const at::Tensor& scores,
+                                      const std::optional<at::Tensor>& ranking, const std::optional<at::Tensor>& groups,
+                                      const std::optional<at::Tensor>& mask, int64_t top_k, int64_t ties) {
   const c10::cuda::CUDAGuard guard(scores.device());
-  const int64_t B = scores.size(0), K = scores.size(1);
+  const cuda::Lists l = lists_of(scores, ranking, groups, mask, top_k, ties);
   const auto acc = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor g = grad_nll.to(acc).contiguous();
-  TORCH_CHECK(g.numel() == B, "plackett_luce: grad_nll must have one element per list");
-  at::Tensor grad = new_output({B, K}, scores.options());
-  at::Tensor workspace = at::empty({B, 2 * K}, scores.options().dtype(acc));
-  const cudaError_t err = cuda::plackett_luce_nll_bwd(
-      storage_dtype(scores), g.const_data_ptr(), scores.const_data_ptr(), scores.stride(0), scores.stride(1),
-      order.const_data_ptr<int64_t>(), level.const_data_ptr<int64_t>(), B, K, top_k, ties, grad.mutable_data_ptr(),
-      workspace.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(grad_nll.dim() == 1 && grad_nll.size(0) == l.B, "plackett_luce: grad_nll must be (lists,)");
+  const at::Tensor g = grad_nll.to(acc);
+  at::Tensor grad = new_output({l.B, l.K}, scores.options());
+  at::Tensor workspace = workspace_for(l, scores, true);
+  const cudaError_t err =
+      cuda::plackett_luce_nll_bwd(l, g.const_data_ptr(), g.stride(0), grad.mutable_data_ptr(),
+                                  workspace.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "plackett_luce_nll_bwd launch failed: ", cudaGetErrorString(err));
   return grad;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(prefrank, CUDA, m) {
+TORCH_LIBRARY_IMPL(prefrank_C, CUDA, m) {
   m.impl("plackett_luce_nll_fwd", &plackett_luce_nll_fwd_cuda);
   m.impl("plackett_luce_nll_bwd", &plackett_luce_nll_bwd_cuda);
 }

@@ -1,36 +1,169 @@
-// Plackett-Luce negative log-likelihood of one list: forward and analytic backward.
+// Plackett-Luce negative log-likelihood of one list: canonical order, forward and analytic backward.
 //
-// Shared by plackett_luce_cpu.cpp (one OpenMP task per list) and plackett_luce_cuda.cu (one thread per list).
+// Shared by plackett_luce_cpu.cpp (a chunk of lists per at::parallel_for task) and plackett_luce_cuda.cu (one
+// thread per list), so the CPU tests exercise the device arithmetic.
 //
-// Input of one list (prepared by prefrank/plackett_luce.py): `order[p]` = item index at place p, valid
-// places first; `level[p]` = compact group index (0 = best, non-decreasing along p), -1 for padding (only at
-// the tail). A full ranking is the case where every place is its own group.
+// 1. canonical_list() turns the user's description of the order (place along the item axis, `ranking` or
+//    `groups`, plus `mask`) into `item[p]` = item at place p (valid items only, best first) and `key[p]`, a
+//    non-decreasing level (equal keys = one tie group). It validates on the way (ranking entries in
+//    [-1, K), -1 only as tail padding, no duplicates; groups >= -1) and reports a bad list, for which the
+//    kernels write NaN (never an out-of-bounds read). Items outside the list (mask False, -1 padding) are
+//    never loaded, so NaN there is ignored.
+// 2. Groups are walked from the worst to the best. With risk sets R_m = G_m ∪ … ∪ G_M, S_m = Σ_{j∈R_m} e^{s_j},
+//    A_m = Σ_{i∈G_m} e^{s_i}, d_m = |G_m| and the tie coefficients c_ℓ = 0 (Breslow) or ℓ/d_m (Efron),
+//    each scored group (index from the best m < top_k) adds
 //
-// With risk sets R_m = G_m ∪ … ∪ G_M, S_m = Σ_{j∈R_m} e^{s_j}, A_m = Σ_{i∈G_m} e^{s_i}, d_m = |G_m| and the
-// tie coefficients c_ℓ = 0 (Breslow) or ℓ/d_m (Efron), ℓ = 0..d_m-1, each scored group (m < top_k) adds
+//      NLL_m = Σ_{i∈G_m} (L_m − s_i) + Σ_ℓ log(1 − c_ℓ ρ_m),      L_m = log S_m, ρ_m = A_m / S_m ∈ (0, 1]
 //
-//   NLL_m = Σ_{i∈G_m} -s_i + Σ_ℓ log(S_m − c_ℓ A_m)
-//         = Σ_{i∈G_m} -s_i + d_m·L_m + Σ_ℓ log1p(−c_ℓ ρ_m),      L_m = log S_m, ρ_m = A_m / S_m ∈ (0, 1].
+//    (the negative Cox partial log-likelihood; a full ranking is the case of singleton groups). S is kept
+//    as (mx, sum) with S = e^mx·sum, mx the running maximum: one exp per item, one log per group, no
+//    overflow for scores of ±1e4.
+// 3. Gradient, with π_j = e^{s_j}/S_{g(j)}, u_m = Σ_ℓ 1/(1 − c_ℓ ρ_m), v_m = Σ_ℓ c_ℓ/(1 − c_ℓ ρ_m):
 //
-// (the negative Cox partial log-likelihood; for singleton groups both tie rules give the plain PL term).
-// Gradient, with u_m = Σ_ℓ 1/(1 − c_ℓ ρ_m) and v_m = Σ_ℓ c_ℓ/(1 − c_ℓ ρ_m):
+//      ∂NLL/∂s_j = −[g scored] + Σ_{m ≤ g, m scored} e^{s_j}·u_m/S_m − [g scored]·π_j·v_g
+//                = −[g scored] + π_j·(R_g − [g scored]·v_g),    R_g = Σ_{m ≤ g, scored} u_m·S_g/S_m
 //
-//   ∂NLL/∂s_j = −[g(j) scored] + Σ_{m ≤ g(j), m scored} e^{s_j − L_m} u_m − [g(j) scored] e^{s_j − L_g(j)} v_g(j)
+//    with R_g = R_{g−1}·(S_g/S_{g−1}) + [g scored]·u_g, a recurrence of ratios ≤ 1 (no exp at all). The
+//    backward repeats the forward walk storing π per place and S_{m+1}/S_m per group (taken from the two
+//    addends of S_m, not as 1 − ρ_m, so no cancellation), then runs the recurrence best-first.
 //
-// The middle sum is exp(s_j + C_g(j)) with C_g = logsumexp_{m ≤ g, scored}(−L_m + log u_m), a running
-// log-sum-exp, so nothing overflows for scores of ±1e4: every exponent is ≤ log(Σ u_m).
-//
-// -inf scores (strength 0) of valid items: a scored item of strength 0 while a finite item is still in its
-// risk set gives NLL = +inf (a probability-0 order). A group whose whole risk set has strength 0 is scored as
-// the limit of equal scores, Σ_ℓ log(n_risk − c_ℓ d_m), a constant with zero gradient.
+// -inf scores (strength 0) of valid items: a scored item of strength 0 while a finite item is in its risk set
+// gives NLL = +inf (a probability-0 order). A group whose whole risk set has strength 0 is scored as the limit
+// of equal scores, Σ_ℓ log(n_risk − c_ℓ d_m), a constant with zero gradient. NaN or +inf in a valid item's
+// score makes the list bad (NaN result).
 #pragma once
 
 #include "common_math.h"
+#include "options.h"
 
 namespace prefrank {
 namespace pl {
 
-enum Ties : int64_t { kBreslow = 0, kEfron = 1 };
+using options::kBreslow;
+using options::kEfron;
+
+// How one list's order is given; the kernels read `ranking` / `groups` only in their mode.
+enum OrderMode : int64_t { kByPlace = 0, kByRanking = 1, kByGroups = 2 };
+
+// One list's inputs: base pointers at the list's row and the item-axis strides (any layout, no copies).
+template <typename scalar_t>
+struct ListInputs {
+  const scalar_t* scores;
+  int64_t score_stride;
+  const int64_t* order;  // ranking or groups row, per `mode`; unused for kByPlace
+  int64_t order_stride;
+  const bool* mask;  // nullptr = every item kept
+  int64_t mask_stride;
+  int64_t K;
+  int64_t mode;
+
+  PF_HD bool kept(int64_t i) const { return mask == nullptr || mask[i * mask_stride]; }
+};
+
+// Per-list scratch buffers are indexed through Buf: a plain pointer (CPU: one list's buffer per task) or a
+// Strided view (CUDA: element p of thread b's buffer at p·B + b, so a warp's accesses coalesce).
+template <typename T>
+struct Strided {
+  T* base;
+  int64_t stride;
+  PF_HD T& operator[](int64_t i) const { return base[i * stride]; }
+};
+
+template <typename ItemBuf, typename KeyBuf>
+PF_HD void swap_entries(ItemBuf item, KeyBuf key, int64_t a, int64_t b) {
+  const int32_t ti = item[a];
+  item[a] = item[b];
+  item[b] = ti;
+  const int64_t tk = key[a];
+  key[a] = key[b];
+  key[b] = tk;
+}
+
+template <typename ItemBuf, typename KeyBuf>
+PF_HD void sift_down(ItemBuf item, KeyBuf key, int64_t root, int64_t end) {
+  while (2 * root + 1 < end) {
+    int64_t child = 2 * root + 1;
+    if (child + 1 < end && key[child] < key[child + 1]) ++child;
+    if (key[root] >= key[child]) return;
+    swap_entries(item, key, root, child);
+    root = child;
+  }
+}
+
+// Sorts (key, item) pairs by key. Order inside a tie group is irrelevant (the tie formulas and every item's
+// gradient do not depend on it), so no stability is needed: insertion sort for short lists (linear when the
+// groups already come sorted, the common case), heap sort beyond (O(n log n), in place, no recursion).
+template <typename ItemBuf, typename KeyBuf>
+PF_HD void sort_by_key(ItemBuf item, KeyBuf key, int64_t n) {
+  if (n <= 48) {
+    for (int64_t i = 1; i < n; ++i)
+      for (int64_t j = i; j > 0 && key[j - 1] > key[j]; --j) swap_entries(item, key, j - 1, j);
+    return;
+  }
+  for (int64_t start = n / 2 - 1; start >= 0; --start) sift_down(item, key, start, n);
+  for (int64_t end = n - 1; end > 0; --end) {
+    swap_entries(item, key, 0, end);
+    sift_down(item, key, 0, end);
+  }
+}
+
+// Fills item[0..n) / key[0..n) (see the file comment); returns n, or -1 for a bad list. `seen` holds K zero
+// bytes (ranking mode only) and is zero again on return.
+template <typename scalar_t, typename ItemBuf, typename KeyBuf, typename SeenBuf>
+PF_HD int64_t canonical_list(const ListInputs<scalar_t>& in, ItemBuf item, KeyBuf key, SeenBuf seen) {
+  const int64_t K = in.K;
+  int64_t n = 0;
+  if (in.mode == kByPlace) {
+    for (int64_t i = 0; i < K; ++i)
+      if (in.kept(i)) {
+        item[n] = static_cast<int32_t>(i);
+        key[n] = n;
+        ++n;
+      }
+    return n;
+  }
+  if (in.mode == kByRanking) {
+    bool bad = false, padding = false;
+    for (int64_t p = 0; p < K; ++p) {
+      const int64_t r = in.order[p * in.order_stride];
+      if (r < 0) {
+        bad |= r != -1;
+        padding = true;
+        continue;
+      }
+      if (padding || r >= K || seen[r]) {
+        bad = true;
+        continue;
+      }
+      seen[r] = 1;
+      if (in.kept(r)) {
+        item[n] = static_cast<int32_t>(r);
+        key[n] = n;
+        ++n;
+      }
+    }
+    for (int64_t p = 0; p < K; ++p) {  // reset the marks this list set
+      const int64_t r = in.order[p * in.order_stride];
+      if (r >= 0 && r < K) seen[r] = 0;
+    }
+    return bad ? -1 : n;
+  }
+  bool bad = false;
+  bool sorted = true;
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t g = in.order[i * in.order_stride];
+    bad |= g < -1;
+    if (g >= 0 && in.kept(i)) {
+      sorted &= n == 0 || key[n - 1] <= g;
+      item[n] = static_cast<int32_t>(i);
+      key[n] = g;
+      ++n;
+    }
+  }
+  if (bad) return -1;
+  if (!sorted) sort_by_key(item, key, n);
+  return n;
+}
 
 template <typename acc_t>
 struct GroupTerms {
@@ -65,95 +198,148 @@ PF_HD acc_t zero_strength_group_nll(int64_t d, int64_t n_risk, int64_t ties) {
   return total;
 }
 
-PF_HD int64_t valid_length(const int64_t* level, int64_t K) {
-  int64_t n = 0;
-  while (n < K && level[n] >= 0) ++n;
-  return n;
+template <typename KeyBuf>
+PF_HD int64_t count_groups(KeyBuf key, int64_t n) {
+  int64_t groups = n > 0 ? 1 : 0;
+  for (int64_t p = 1; p < n; ++p) groups += key[p] != key[p - 1];
+  return groups;
 }
 
-PF_HD bool is_scored(int64_t group, int64_t top_k) { return top_k < 0 || group < top_k; }
+template <typename acc_t>
+PF_HD bool bad_score(acc_t s) {
+  return s != s || s == -neg_inf<acc_t>();
+}
 
-// Forward NLL of one list. `scores` is the list's row (item i at scores[i * stride]).
-template <typename acc_t, typename scalar_t>
-PF_HD acc_t list_nll(const scalar_t* scores, int64_t stride, const int64_t* order, const int64_t* level,
-                     int64_t K, int64_t top_k, int64_t ties) {
-  const int64_t n = valid_length(level, K);
-  acc_t log_risk = neg_inf<acc_t>();  // L of the current suffix
-  int64_t n_risk = 0;
+// The risk set's running sum S = e^mx·sum, grown by one group at a time (worst first).
+template <typename acc_t>
+struct RiskSet {
+  acc_t mx = neg_inf<acc_t>();
+  acc_t sum = acc_t(0);
+  int64_t n = 0;
+
+  // Rescales to the group's maximum if it is larger; returns the old sum in the new scale (S_{m+1}).
+  PF_HD acc_t raise_to(acc_t group_max) {
+    if (group_max > mx) {
+      sum = mx == neg_inf<acc_t>() ? acc_t(0) : sum * exp_(mx - group_max);
+      mx = group_max;
+    }
+    return sum;
+  }
+};
+
+// Forward NLL of one canonical list (NaN when the list is bad: n < 0 or a NaN/+inf score).
+template <typename acc_t, typename scalar_t, typename ItemBuf, typename KeyBuf>
+PF_HD acc_t list_nll(const ListInputs<scalar_t>& in, ItemBuf item, KeyBuf key, int64_t n,
+                     int64_t top_k, int64_t ties) {
+  const acc_t nan = neg_inf<acc_t>() - neg_inf<acc_t>();
+  if (n < 0) return nan;
+  const int64_t scored_groups = top_k < 0 ? count_groups(key, n) : top_k;
+  int64_t group = count_groups(key, n) - 1;  // index from the best
+  RiskSet<acc_t> risk;
   acc_t nll = acc_t(0);
-  int64_t p = n - 1;
-  while (p >= 0) {  // walk groups from the worst to the best, growing the risk set
-    const int64_t group = level[p];
-    acc_t log_group = neg_inf<acc_t>();
-    acc_t sum_scores = acc_t(0);
-    int64_t d = 0;
-    for (; p >= 0 && level[p] == group; --p, ++d) {
-      const acc_t s = load_as<acc_t>(scores, order[p] * stride);
-      log_group = log_add_exp(log_group, s);
-      sum_scores += s;
+  for (int64_t end = n; end > 0; --group) {
+    int64_t begin = end - 1;
+    while (begin > 0 && key[begin - 1] == key[end - 1]) --begin;
+    acc_t group_max = neg_inf<acc_t>();
+    for (int64_t p = begin; p < end; ++p) {
+      const acc_t s = load_as<acc_t>(in.scores, item[p] * in.score_stride);
+      if (bad_score(s)) return nan;
+      group_max = s > group_max ? s : group_max;
     }
-    log_risk = log_add_exp(log_risk, log_group);
-    n_risk += d;
-    if (!is_scored(group, top_k)) continue;
-    if (log_risk == neg_inf<acc_t>()) {
-      nll += zero_strength_group_nll<acc_t>(d, n_risk, ties);
-    } else {
-      const GroupTerms<acc_t> t = group_terms(d, exp_(log_group - log_risk), ties);
-      nll += -sum_scores + static_cast<acc_t>(d) * log_risk + t.log_terms;
+    risk.raise_to(group_max);
+    const int64_t d = end - begin;
+    risk.n += d;
+    const bool scored = group < scored_groups;
+    if (risk.mx == neg_inf<acc_t>()) {  // the whole risk set has strength 0
+      if (scored) nll += zero_strength_group_nll<acc_t>(d, risk.n, ties);
+      end = begin;
+      continue;
     }
+    acc_t group_sum = acc_t(0), gaps = acc_t(0);  // gaps = Σ (mx − s_i)
+    for (int64_t p = begin; p < end; ++p) {
+      const acc_t gap = risk.mx - load_as<acc_t>(in.scores, item[p] * in.score_stride);
+      gaps += gap;
+      group_sum += exp_(-gap);
+    }
+    risk.sum += group_sum;
+    if (scored) {
+      const GroupTerms<acc_t> t = group_terms(d, group_sum / risk.sum, ties);
+      nll += gaps + static_cast<acc_t>(d) * log_(risk.sum) + t.log_terms;
+    }
+    end = begin;
   }
   return nll;
 }
 
-// Gradient of one list's NLL times `grad_nll`, written to grad[item * grad_stride] for every item (0 for
-// padding). `workspace` holds 2·K accumulators: the risk set's log-sum-exp and ρ of each place's group.
-template <typename acc_t, typename scalar_t>
-PF_HD void list_nll_backward(acc_t grad_nll, const scalar_t* scores, int64_t stride, const int64_t* order,
-                             const int64_t* level, int64_t K, int64_t top_k, int64_t ties, scalar_t* grad,
-                             int64_t grad_stride, acc_t* workspace) {
-  acc_t* log_risk_at = workspace;
-  acc_t* rho_at = workspace + K;
-  const int64_t n = valid_length(level, K);
-  for (int64_t p = n; p < K; ++p) grad[order[p] * grad_stride] = from_acc<scalar_t>(acc_t(0));
+// grad[item * grad_stride] = grad_nll · ∂NLL/∂s_item for every item of the list (0 outside it, NaN for a bad
+// list). `share` holds n accumulators (π per place); `ratio` and `rho` K each (per group, at its first place).
+template <typename acc_t, typename scalar_t, typename ItemBuf, typename KeyBuf, typename AccBuf>
+PF_HD void list_nll_backward(acc_t grad_nll, const ListInputs<scalar_t>& in, ItemBuf item, KeyBuf key, int64_t n,
+                             int64_t top_k, int64_t ties, scalar_t* grad, int64_t grad_stride, AccBuf share,
+                             AccBuf ratio, AccBuf rho) {
+  const acc_t nan = neg_inf<acc_t>() - neg_inf<acc_t>();
+  const bool bad = n < 0;
+  for (int64_t i = 0; i < in.K; ++i) grad[i * grad_stride] = from_acc<scalar_t>(bad ? nan : acc_t(0));
+  if (bad) return;
 
-  // Backward sweep: L_m and ρ_m for every group, stored at each of its places.
-  acc_t log_risk = neg_inf<acc_t>();
-  int64_t p = n - 1;
-  while (p >= 0) {
-    const int64_t group = level[p];
-    const int64_t end = p;
-    acc_t log_group = neg_inf<acc_t>();
-    for (; p >= 0 && level[p] == group; --p) log_group = log_add_exp(log_group, load_as<acc_t>(scores, order[p] * stride));
-    log_risk = log_add_exp(log_risk, log_group);
-    const acc_t rho = log_risk == neg_inf<acc_t>() ? acc_t(1) : exp_(log_group - log_risk);
-    for (int64_t q = p + 1; q <= end; ++q) {
-      log_risk_at[q] = log_risk;
-      rho_at[q] = rho;
+  // Worst → best: π per place, S_{m+1}/S_m and ρ_m per group. Strength-0 risk sets (a constant term,
+  // gradient 0) are nested, so they form the tail [finite_end, n).
+  RiskSet<acc_t> risk;
+  int64_t finite_end = n;
+  bool bad_scores = false;
+  for (int64_t end = n; end > 0 && !bad_scores;) {
+    int64_t begin = end - 1;
+    while (begin > 0 && key[begin - 1] == key[end - 1]) --begin;
+    acc_t group_max = neg_inf<acc_t>();
+    for (int64_t p = begin; p < end; ++p) {
+      const acc_t s = load_as<acc_t>(in.scores, item[p] * in.score_stride);
+      bad_scores |= bad_score(s);
+      group_max = s > group_max ? s : group_max;
     }
-  }
-
-  // Forward sweep over groups, accumulating C_g = logsumexp_{m ≤ g, scored}(−L_m + log u_m).
-  acc_t running_c = neg_inf<acc_t>();
-  p = 0;
-  while (p < n) {
-    const int64_t group = level[p];
-    int64_t end = p;
-    while (end < n && level[end] == group) ++end;
-    const int64_t d = end - p;
-    const acc_t log_risk_g = log_risk_at[p];
-    const bool scored = is_scored(group, top_k);
-    if (log_risk_g == neg_inf<acc_t>()) {  // strength-0 risk set: a constant term
-      for (; p < end; ++p) grad[order[p] * grad_stride] = from_acc<scalar_t>(acc_t(0));
+    const acc_t rest = risk.raise_to(group_max);
+    if (risk.mx == neg_inf<acc_t>()) {
+      finite_end = begin;
+      end = begin;
       continue;
     }
-    const GroupTerms<acc_t> t = group_terms(d, rho_at[p], ties);
-    if (scored) running_c = log_add_exp(running_c, -log_risk_g + log_(t.u));
-    for (; p < end; ++p) {
-      const acc_t s = load_as<acc_t>(scores, order[p] * stride);
-      acc_t g = exp_(s + running_c);
-      if (scored) g += acc_t(-1) - exp_(s - log_risk_g) * t.v;
-      grad[order[p] * grad_stride] = from_acc<scalar_t>(grad_nll * g);
+    acc_t group_sum = acc_t(0);
+    for (int64_t p = begin; p < end; ++p) {
+      share[p] = exp_(load_as<acc_t>(in.scores, item[p] * in.score_stride) - risk.mx);
+      group_sum += share[p];
     }
+    risk.sum += group_sum;
+    const acc_t inv = acc_t(1) / risk.sum;
+    for (int64_t p = begin; p < end; ++p) share[p] *= inv;
+    ratio[begin] = rest * inv;
+    rho[begin] = group_sum * inv;
+    end = begin;
+  }
+
+  if (bad_scores) {
+    for (int64_t i = 0; i < in.K; ++i) grad[i * grad_stride] = from_acc<scalar_t>(nan);
+    return;
+  }
+
+  // Best → worst: R_g = R_{g−1}·S_g/S_{g−1} + [g scored]·u_g.
+  const int64_t scored_groups = top_k < 0 ? n : top_k;
+  acc_t running = acc_t(0);
+  acc_t ratio_to_next = acc_t(0);
+  int64_t group = 0;
+  for (int64_t begin = 0; begin < finite_end; ++group) {
+    int64_t end = begin + 1;
+    while (end < finite_end && key[end] == key[begin]) ++end;
+    const bool scored = group < scored_groups;
+    const int64_t d = end - begin;
+    const GroupTerms<acc_t> t = group_terms(d, rho[begin], ties);
+    running = running * ratio_to_next + (scored ? t.u : acc_t(0));
+    ratio_to_next = ratio[begin];
+    const acc_t own = scored ? t.v : acc_t(0);
+    const acc_t minus = scored ? acc_t(1) : acc_t(0);
+    for (int64_t p = begin; p < end; ++p) {
+      const acc_t g = share[p] * (running - own) - minus;  // a scored -inf item (share 0) gets −1
+      grad[item[p] * grad_stride] = from_acc<scalar_t>(grad_nll * g);
+    }
+    begin = end;
   }
 }
 

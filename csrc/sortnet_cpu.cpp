@@ -31,7 +31,6 @@ namespace {
 
 using namespace sortnet;
 
-enum Target : int64_t { kBlock = 0, kPermutation = 1 };
 // Per-thread trajectory scratch of the backward (elements, 4 MiB in fp32); the row block shrinks to fit.
 constexpr int64_t kScratchElements = int64_t(1) << 20;
 
@@ -88,8 +87,8 @@ void values_forward(const Schedule& net, const Options<acc_t>& o, acc_t* x, acc_
       const int32_t lo = net.lo[c], hi = net.hi[c];
       const acc_t a = x[lo], b = x[hi];
       const acc_t al = sortnet::alpha(b - a, o.relaxation, o.s, o.lam);
-      const acc_t own = net.flipped[c] ? acc_t(1) - al : al;
-      const acc_t other = net.flipped[c] ? al : acc_t(1) - al;
+      acc_t own, other;
+      mix_weights(al, net.flipped[c], own, other);
       x[lo] = own * a + other * b;
       x[hi] = own * b + other * a;
       alpha[l * n + lo] = al;
@@ -107,9 +106,8 @@ PF_HOT void rows_layer(const Schedule& net, int64_t l, const acc_t* alpha_l, con
       std::copy(in + net.through[t] * R, in + net.through[t] * R + rr, out + net.through[t] * R);
   for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
     const int32_t lo = net.lo[c], hi = net.hi[c];
-    const acc_t al = alpha_l[lo];
-    const acc_t own = net.flipped[c] ? acc_t(1) - al : al;
-    const acc_t other = net.flipped[c] ? al : acc_t(1) - al;
+    acc_t own, other;
+    mix_weights(alpha_l[lo], net.flipped[c] != 0, own, other);
     const acc_t* a = in + lo * R;
     const acc_t* b = in + hi * R;
     acc_t* ya = out + lo * R;
@@ -140,10 +138,9 @@ PF_HOT void rows_layer_backward(const Schedule& net, int64_t l, const acc_t* alp
                                 acc_t* dalpha_l, int64_t R, int64_t rr) {
   for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
     const int32_t lo = net.lo[c], hi = net.hi[c];
-    const acc_t al = alpha_l[lo];
     const bool flip = net.flipped[c];
-    const acc_t own = flip ? acc_t(1) - al : al;
-    const acc_t other = flip ? al : acc_t(1) - al;
+    acc_t own, other;
+    mix_weights(alpha_l[lo], flip, own, other);
     const acc_t* a = Q + lo * R;
     const acc_t* b = Q + hi * R;
     acc_t* ga = G + lo * R;
@@ -173,9 +170,8 @@ void values_backward(const Schedule& net, const Options<acc_t>& o, const acc_t* 
     std::copy(cur, cur + m, nxt);
     for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
       const int32_t lo = net.lo[c], hi = net.hi[c];
-      const acc_t al = alpha[l * n + lo];
-      const acc_t own = net.flipped[c] ? acc_t(1) - al : al;
-      const acc_t other = net.flipped[c] ? al : acc_t(1) - al;
+      acc_t own, other;
+      mix_weights(alpha[l * n + lo], net.flipped[c] != 0, own, other);
       nxt[lo] = own * cur[lo] + other * cur[hi];
       nxt[hi] = own * cur[hi] + other * cur[lo];
     }
@@ -184,10 +180,9 @@ void values_backward(const Schedule& net, const Options<acc_t>& o, const acc_t* 
     const acc_t* cur = xs.data() + l * m;
     for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
       const int32_t lo = net.lo[c], hi = net.hi[c];
-      const acc_t al = alpha[l * n + lo];
       const bool flip = net.flipped[c];
-      const acc_t own = flip ? acc_t(1) - al : al;
-      const acc_t other = flip ? al : acc_t(1) - al;
+      acc_t own, other;
+      mix_weights(alpha[l * n + lo], flip, own, other);
       const acc_t a = cur[lo], b = cur[hi], gl = g[lo], gh = g[hi];
       acc_t d_alpha = (gl - gh) * (a - b);
       if (flip) d_alpha = -d_alpha;
@@ -225,8 +220,8 @@ void check_common(const at::Tensor& x, int64_t network, int64_t relaxation, cons
   TORCH_CHECK(x.dim() == 2, op, ": expected (lists, n) scores");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
               ": scores must be float32 or float64 (prefrank.ops upcasts)");
-  TORCH_CHECK(network == kOddEven || network == kBitonic, op, ": unknown network code ", network);
-  TORCH_CHECK(relaxation >= kLogistic && relaxation <= kOptimal, op, ": unknown relaxation code ", relaxation);
+  TORCH_CHECK(network >= 0 && network < kNetworkCount, op, ": unknown network code ", network);
+  TORCH_CHECK(relaxation >= 0 && relaxation < kRelaxationCount, op, ": unknown relaxation code ", relaxation);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sortnet_forward_cpu(const at::Tensor& x_in, int64_t network,
@@ -309,7 +304,9 @@ at::Tensor sortnet_backward_cpu(const at::Tensor& grad_values, const std::option
 
 // ---- fused rank losses: y = the list's valid scores (negated: best first), m = sizes[b] of them ----
 
-void check_loss_inputs(const at::Tensor& y, const at::Tensor& sizes, const at::Tensor& lo, const at::Tensor& hi) {
+void check_loss_inputs(const at::Tensor& y, const at::Tensor& sizes, const at::Tensor& lo, const at::Tensor& hi,
+                       int64_t target) {
+  TORCH_CHECK(target >= 0 && target < kTargetCount, "sortnet_loss: unknown target code ", target);
   TORCH_CHECK(sizes.scalar_type() == at::kLong && lo.scalar_type() == at::kLong && hi.scalar_type() == at::kLong,
               "sortnet_loss: sizes/lo/hi must be int64");
   TORCH_CHECK(sizes.dim() == 1 && sizes.size(0) == y.size(0), "sortnet_loss: sizes must be (lists,)");
@@ -354,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> sortnet_loss_forward_cpu(const at::Tensor& y_
                                                             int64_t target, int64_t network, int64_t relaxation,
                                                             double steepness, double art_lambda) {
   check_common(y_in, network, relaxation, "sortnet_loss_forward");
-  check_loss_inputs(y_in, sizes_in, lo_in, hi_in);
+  check_loss_inputs(y_in, sizes_in, lo_in, hi_in, target);
   const at::Tensor y = y_in.contiguous(), sizes = sizes_in.contiguous(), lo = lo_in.contiguous(),
                    hi = hi_in.contiguous();
   const int64_t B = y.size(0), n = y.size(1), L = num_layers(network, n);
@@ -400,7 +397,7 @@ at::Tensor sortnet_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
                                      const at::Tensor& alpha_in, int64_t target, int64_t network,
                                      int64_t relaxation, double steepness, double art_lambda) {
   check_common(y_in, network, relaxation, "sortnet_loss_backward");
-  check_loss_inputs(y_in, sizes_in, lo_in, hi_in);
+  check_loss_inputs(y_in, sizes_in, lo_in, hi_in, target);
   const at::Tensor y = y_in.contiguous(), sizes = sizes_in.contiguous(), lo = lo_in.contiguous(),
                    hi = hi_in.contiguous(), alpha = alpha_in.contiguous();
   const int64_t B = y.size(0), n = y.size(1), L = num_layers(network, n);
@@ -439,7 +436,8 @@ at::Tensor sortnet_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(prefrank, m) {
+// Private kernels of the prefrank::sortnet_* custom ops (prefrank/sortnet.py); users never call these.
+TORCH_LIBRARY_FRAGMENT(prefrank_C, m) {
   m.def("sortnet_forward(Tensor x, int network, int relaxation, float steepness, float art_lambda, "
         "bool with_perm) -> (Tensor, Tensor, Tensor)");
   m.def("sortnet_backward(Tensor grad_values, Tensor? grad_perm, Tensor x, Tensor alpha, int network, "
@@ -450,7 +448,7 @@ TORCH_LIBRARY_FRAGMENT(prefrank, m) {
         "int target, int network, int relaxation, float steepness, float art_lambda) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(prefrank, CPU, m) {
+TORCH_LIBRARY_IMPL(prefrank_C, CPU, m) {
   m.impl("sortnet_forward", &sortnet_forward_cpu);
   m.impl("sortnet_backward", &sortnet_backward_cpu);
   m.impl("sortnet_loss_forward", &sortnet_loss_forward_cpu);

@@ -17,13 +17,13 @@
 #pragma once
 
 #include "common_math.h"
+#include "options.h"
 
 namespace prefrank {
 namespace sortnet {
 
-enum Network : int64_t { kOddEven = 0, kBitonic = 1 };
-enum Relaxation : int64_t { kLogistic = 0, kLogisticPhi = 1, kGaussian = 2, kReciprocal = 3, kCauchy = 4,
-                            kOptimal = 5 };
+// Network, Relaxation and Target codes: the generated options.h (one source: prefrank/_options.py).
+using namespace ::prefrank::options;
 
 // arctan by Cephes' rational approximation (accurate to double rounding): inline arithmetic instead of a libm
 // call, ~5x cheaper on the CPU, and the exact formula the Triton kernels use.
@@ -87,6 +87,14 @@ PF_HD int64_t partner(int64_t network, int64_t m, int64_t layer, int64_t w, bool
   if (pq < offset) return w;
   *flipped = ((q >> (block + 1)) & 1) != 0;
   return pq - offset;
+}
+
+// The comparator's mixing weights seen from one wire: x_w ← own·x_w + other·x_partner, (own, other) =
+// (α, 1−α), swapped when the comparator is flipped. The only place this rule is written in C++.
+template <typename acc_t>
+PF_HD void mix_weights(acc_t alpha, bool flipped, acc_t& own, acc_t& other) {
+  own = flipped ? acc_t(1) - alpha : alpha;
+  other = flipped ? alpha : acc_t(1) - alpha;
 }
 
 template <typename acc_t>

@@ -7,7 +7,8 @@ every device), ``prefrank.__version__``. The trainer (``prefrank.train``) is opt
 
 from prefrank import losses, ops
 from prefrank._checks import debug
+from prefrank._extension import info
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "debug", "losses", "ops"]
+__all__ = ["__version__", "debug", "info", "losses", "ops"]

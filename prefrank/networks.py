@@ -19,10 +19,18 @@ N − n) and dropped; a comparator touching one dropped wire becomes a pass-thro
 diffsort's pass-through comparators (0.5/0.5 "identity maps") are exact identities and appear here as
 ``partner == w``.
 
-The same arithmetic is implemented in ``csrc/sortnet_math.h`` (``sortnet_partner``) and in
-``triton_kernels/sortnet.py`` (``_partner``): the kernels compute each wire's partner on the fly (a few
-integer ops, no table loads), which also lets one launch sort lists of different lengths. Tests check the
-three against each other and against diffsort.
+The relaxations f (:func:`relaxed_alpha`) are diffsort's formulas with steepness s (z = s·d)::
+
+    logistic      σ(z)                        gaussian   Φ(z) = ½ + ½·erf(z/√2)
+    logistic_phi  σ(s·d/(|d|+ε)^λ), ε = 1e-10 reciprocal ½(z/(2+|z|) + 1)
+    cauchy        atan(z)/π + ½               optimal    z+½ on |z| ≤ ¼, 1 − 1/(16z) above, −1/(16z) below
+
+This module is the Python source of the schedule, the layer count, the relaxations and the mixing rule
+(:func:`mix_weights`); each other language writes them once: C++ in ``csrc/sortnet_math.h``
+(``partner``, ``num_layers``, ``alpha``, ``mix_weights``), Triton in ``triton_kernels/sortnet.py``
+(``_partner``, ``_layers``, ``_alpha``, ``_mix_weights``). The kernels compute each wire's partner on the fly
+(a few integer ops, no table loads), which also lets one launch sort lists of different lengths. Tests check
+the three against each other and against diffsort. Network and relaxation codes: ``prefrank._options``.
 """
 
 import functools
@@ -30,14 +38,16 @@ import functools
 import numpy as np
 import torch
 
-NETWORKS = ("odd_even", "bitonic")
-NETWORK_CODE = {"odd_even": 0, "bitonic": 1}
+from prefrank._options import Network, Relaxation, names
+
+NETWORKS = names(Network)
+RELAXATIONS = names(Relaxation)
 
 
 def _check(network, n):
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
 
 
@@ -47,12 +57,43 @@ def _bitonic_blocks(n):
 
 
 def num_layers(network, n):
-    """Layer count: n for odd-even transposition, K(K+1)/2 with K = ceil(log2 n) for bitonic."""
+    """Layer count: n for odd-even transposition, K(K+1)/2 with K = ceil(log2 n) for bitonic.
+
+    ``n`` may be a ``torch.SymInt`` (the fake kernels under ``torch.compile(dynamic=True)``): odd-even stays
+    symbolic, bitonic specialises on n.
+    """
     _check(network, n)
     if network == "odd_even":
         return n
-    k = _bitonic_blocks(n)
+    k = _bitonic_blocks(int(n))
     return k * (k + 1) // 2
+
+
+def relaxed_alpha(d, relaxation, steepness, art_lambda):
+    """Comparator weight α = f(d) of the tensor d = x_hi − x_lo, exactly as the diffsort package computes it."""
+    if relaxation == "logistic":
+        return torch.sigmoid(d * steepness)
+    if relaxation == "logistic_phi":
+        return torch.sigmoid(d * steepness / (d.abs() + 1e-10).pow(art_lambda))
+    if relaxation == "gaussian":
+        return 0.5 + 0.5 * torch.erf(d / (1 / steepness) / 2.0**0.5)
+    z = d * steepness
+    if relaxation == "reciprocal":
+        return 0.5 * (z / (2 + z.abs()) + 1)
+    if relaxation == "cauchy":
+        return 1 / torch.pi * torch.atan(z) + 0.5
+    if relaxation != "optimal":
+        raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
+    outside = (z > 0.25).to(z.dtype) - (z < -0.25).to(z.dtype)
+    return z.clamp(-0.25, 0.25) + 0.5 + outside * (0.25 - 1 / 16 / (z.abs() + 1e-10))
+
+
+def mix_weights(alpha, flipped, through):
+    """(own, other) of every wire, ``x_w ← own·x_w + other·x_partner``: (α, 1−α), swapped where the comparator
+    is ``flipped`` (sends the minimum to the higher wire), exactly (1, 0) on ``through`` (pass-through) wires."""
+    own = torch.where(flipped, 1 - alpha, alpha)
+    other = torch.where(flipped, alpha, 1 - alpha)
+    return (torch.where(through, torch.ones_like(own), own), torch.where(through, torch.zeros_like(other), other))
 
 
 def partner_of(network, n, layer, w):

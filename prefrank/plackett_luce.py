@@ -1,110 +1,53 @@
-"""Plackett-Luce negative log-likelihood: argument handling, dispatch and autograd registration.
+"""Plackett-Luce negative log-likelihood: argument checks, the ``prefrank::plackett_luce_nll`` custom ops, autograd.
 
-The compiled kernels (``prefrank::plackett_luce_nll_fwd/bwd``, csrc/plackett_luce_*) score lists that are
-already in preference order; this module turns the three ways of saying the order (place along ``dim``,
-``ranking``, ``groups``) plus ``mask`` into that canonical form:
+Which kernel runs (``impl=`` per call, see :mod:`prefrank.backend`):
 
-- ``order[b, p]`` = index of the item at place ``p``: valid items first, best first, stable within ties;
-- ``level[b, p]`` = compact group index of that place (0 = best, +1 per distinct level), -1 for padding.
+- ``"auto"`` on CPU tensors: the C++ CPU kernel (``torch.ops.prefrank_C.plackett_luce_nll_fwd/bwd``,
+  csrc/plackett_luce_cpu.cpp); on CUDA tensors: the CUDA C++ kernel (csrc/plackett_luce_cuda.cu). Both run
+  the per-list math of csrc/plackett_luce_math.h.
+- ``"triton"``: Plackett-Luce has no Triton kernel; the same C++/CUDA kernels run (``use_triton`` is accepted
+  by the custom ops for the team-wide signature and changes nothing here).
+- ``"reference"``: :func:`prefrank.reference.plackett_luce_nll` (pure PyTorch, O(K²) per list).
+
+The public custom ops, ``torch.ops.prefrank.plackett_luce_nll(scores, ranking, groups, mask, top_k, ties,
+use_triton)`` and its backward ``plackett_luce_nll_backward(grad_nll, scores, ranking, groups, mask, top_k,
+ties, use_triton)``, take ``(lists, items)`` tensors in the user's layout (any strides; ``ranking``/``groups``
+int64, ``mask`` bool), ``top_k`` = -1 for "all" and ``ties`` a :class:`prefrank._options.Ties` code. The
+kernels build each list's order themselves (no sort/scatter copies per call) and validate it on the way.
+
+Checks: shapes, dtypes, devices and options always (eager, also under torch.compile). Values (NaN/+inf in a
+scored item, ranking entries out of range / repeated / -1 before the tail, groups below -1) are detected by
+the kernels, which write NaN for such a list and never read out of bounds; when
+``prefrank._checks.data_checks_enabled`` (CPU tensors, or ``prefrank.debug()``) a NaN result is explained
+as the ValueError naming the argument. Values that are padding (``mask`` False, ``groups`` -1, items a
+``ranking`` does not list) are never read: NaN there is ignored.
 """
+
+from __future__ import annotations
+
+import math
 
 import torch
 
-from prefrank import _checks, _extension, backend, reference
+from prefrank import _checks, _extension, _options, backend
+from prefrank._options import Ties
 
-TIES = ("breslow", "efron")
-_TIES_CODE = {"breslow": 0, "efron": 1}
-
-
-def _item_keys(shape, device, ranking, groups, mask):
-    """Per-item sort key (B, K) int64: its place/level; items that are padding get a key past every level."""
-    B, K = shape
-    pad = torch.iinfo(torch.int64).max
-    if groups is not None:
-        keys = groups.to(torch.int64)
-        keep = keys >= 0
-    elif ranking is not None:
-        ranking = ranking.to(torch.int64)
-        listed = ranking >= 0
-        keys = torch.full((B, K), pad, dtype=torch.int64, device=device)
-        places = torch.arange(ranking.shape[-1], device=device).expand_as(ranking)
-        # unlisted places write into a scratch column K that is dropped
-        keys = torch.cat([keys, keys[:, :1]], dim=1)
-        keys.scatter_(1, torch.where(listed, ranking, K), torch.where(listed, places, pad))
-        keys = keys[:, :K]
-        keep = keys != pad
-    else:
-        keys = torch.arange(K, device=device).expand(B, K)
-        keep = torch.ones((B, K), dtype=torch.bool, device=device)
-    if mask is not None:
-        keep = keep & mask
-    return torch.where(keep, keys, pad), keep
+TIES: tuple[str, ...] = _options.names(Ties)
+"""The accepted ``ties`` strings ("breslow", "efron"), in code order."""
 
 
-def canonical_order(shape, device, *, ranking=None, groups=None, mask=None):
-    """(order, level) of every list, see the module docstring. Inputs are (B, K) with the item axis last."""
-    B, K = shape
-    if ranking is None and groups is None and mask is None:  # already best-first, every item its own place
-        places = torch.arange(K, device=device).expand(B, K).contiguous()
-        return places, places.clone()
-    keys, keep = _item_keys(shape, device, ranking, groups, mask)
-    sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
-    valid = torch.gather(keep, 1, order)
-    new_level = torch.ones_like(valid)
-    new_level[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
-    level = torch.cumsum(new_level & valid, dim=-1) - 1
-    return order.contiguous(), torch.where(valid, level, -1).contiguous()
+# ------------------------------------------------------------------------------------------------------------
+# Argument checks (shared with prefrank.reference, so both implementations raise the same errors)
+# ------------------------------------------------------------------------------------------------------------
 
-
-def _check_ranking(ranking, K):
-    if ranking.shape[-1] > K:
-        raise ValueError(f"ranking lists {ranking.shape[-1]} places but there are only {K} items")
-    if _checks.compiling():
-        return
-    if ((ranking < -1) | (ranking >= K)).any():
-        raise ValueError(f"ranking entries must be item indices in [0, {K}) or -1 (padding)")
-    if ((ranking[..., :-1] < 0) & (ranking[..., 1:] >= 0)).any():
-        raise ValueError("ranking may hold -1 only as padding at the tail of each list")
-    counts = torch.zeros(ranking.shape[:-1] + (K + 1,), dtype=torch.int64, device=ranking.device)
-    counts.scatter_add_(-1, torch.where(ranking >= 0, ranking, K), torch.ones_like(ranking))
-    if (counts[..., :K] > 1).any():
-        raise ValueError("ranking contains the same item twice in one list")
-
-
-def _check_groups(groups):
-    if not _checks.compiling() and (groups < -1).any():
-        raise ValueError("groups must hold levels >= 0, or -1 for padding")
-
-
-def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=None, ties="breslow", dim=-1,
-                      reduction="none"):
-    """Negative log-likelihood of an observed order under Plackett-Luce with log-strengths ``scores``.
-
-    Args:
-        scores: ``(..., K, ...)`` float tensor (fp32/fp16/bf16/fp64), items along ``dim``.
-        ranking: int tensor, ``ranking[..., j]`` = index of the item at place ``j`` (best first), -1 pads the
-            tail. Items not listed are padding. Shape of ``scores`` (the place axis at ``dim`` may be shorter).
-        groups: int tensor shaped like ``scores``: preference level of every item, 0 = most preferred, equal
-            levels are ties, -1 = padding.
-        mask: bool tensor shaped like ``scores``; False removes the item from every term.
-        top_k: score only the first ``k`` places (with ``groups``: the first ``k`` groups); the rest stay in
-            the denominators (the exact partial-ranking marginal).
-        ties: ``"breslow"`` or ``"efron"``: the Cox partial-likelihood tie rule for ``groups``.
-        dim: the item axis.
-        reduction: ``"none"`` (per list, shape ``scores.shape`` without ``dim``), ``"mean"`` or ``"sum"``.
-
-    Without ``ranking`` and ``groups`` the items are already best-first along ``dim``. With ``groups`` the
-    result is exactly the negative Cox partial log-likelihood with linear predictor ``scores`` and event time
-    = level (every group scored, the last included). Stable for scores of ±1e4. A valid item with score -inf
-    has strength 0: scoring it while a finite item competes gives +inf; a group whose whole risk set has
-    strength 0 is scored as the limit of equal scores (a constant). NaN/+inf scores raise ValueError.
-
-    Returns float32 (float64 for float64 scores).
-    """
+def checked_arguments(scores, ranking, groups, mask, top_k, ties, dim, reduction):
+    """Metadata checks of every argument; returns (scores, ranking, groups, mask) with the item axis last
+    (views; ``ranking``/``groups`` as int64) and the ``ties`` code. Raises ValueError/TypeError naming the
+    user's argument."""
     _checks.float_tensor("scores", scores)
     if scores.dim() == 0:
         raise ValueError("scores must have at least one dimension (the items)")
-    _checks.choice("ties", ties, TIES)
+    ties_code = _options.code(Ties, "ties", ties)
     _checks.choice("reduction", reduction, _checks.REDUCTIONS)
     _checks.positive_int_or_none("top_k", top_k)
     if ranking is not None and groups is not None:
@@ -113,10 +56,11 @@ def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=Non
     if ranking is not None:
         _checks.int_tensor("ranking", ranking)
         _checks.same_device("scores", scores, ranking=ranking)
-        if ranking.dim() != scores.dim() or any(
-                r != s for i, (r, s) in enumerate(zip(ranking.shape, scores.shape)) if i != dim):
-            raise ValueError(f"ranking must have the shape of scores {tuple(scores.shape)} (the place axis may "
-                             f"be shorter), got {tuple(ranking.shape)}")
+        if ranking.shape != scores.shape:
+            raise ValueError(
+                f"ranking must have the shape of scores {tuple(scores.shape)} (one place per item), got "
+                f"{tuple(ranking.shape)}: pad the places of absent items with -1; for a top-k observation list "
+                f"the k observed items first, then the others in any order, and pass top_k=k")
     if groups is not None:
         _checks.int_tensor("groups", groups)
         _checks.same_device("scores", scores, groups=groups)
@@ -125,58 +69,225 @@ def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=Non
         _checks.bool_tensor("mask", mask)
         _checks.same_device("scores", scores, mask=mask)
         _checks.same_shape("scores", scores, mask=mask)
-    _checks.finite_or_neg_inf("scores", scores)
+    if reduction == "mean" and math.prod(scores.shape[:dim] + scores.shape[dim + 1:]) == 0:
+        raise ValueError(f"reduction='mean' over zero lists is undefined (scores has shape {tuple(scores.shape)})")
 
-    scores_l, ranking_l, groups_l, mask_l = (
-        None if t is None else t.movedim(dim, -1) for t in (scores, ranking, groups, mask))
-    if ranking_l is not None:
-        _check_ranking(ranking_l, scores_l.shape[-1])
-    if groups_l is not None:
-        _check_groups(groups_l)
+    def last(t):
+        return None if t is None else (t if dim == t.dim() - 1 else t.movedim(dim, -1))
 
-    if backend.get_backend() == "reference":
-        nll = reference.plackett_luce_nll(scores_l, ranking=ranking_l, groups=groups_l, mask=mask_l,
-                                          top_k=top_k, ties=ties)
-        return _checks.reduce(nll, reduction)
+    def as_long(t):  # the kernels read int64 (no copy when it already is)
+        return None if t is None else (t if t.dtype == torch.int64 else t.to(torch.int64))
 
+    return last(scores), last(as_long(ranking)), last(as_long(groups)), last(mask), ties_code
+
+
+def _listed(ranking, K):
+    """(…, K) bool: the items a valid ranking lists (entries checked already)."""
+    hit = torch.zeros(ranking.shape[:-1] + (K + 1,), dtype=torch.bool, device=ranking.device)
+    return hit.scatter_(-1, torch.where(ranking >= 0, ranking, K), True)[..., :K]
+
+
+def check_values(scores, ranking, groups, mask):
+    """Value checks on item-last tensors (those the kernels detect by writing NaN): ValueError naming the
+    argument. Padding (mask False, groups -1, items a ranking does not list) is not looked at."""
+    K = scores.shape[-1]
+    if ranking is not None:
+        if ((ranking < -1) | (ranking >= K)).any():
+            raise ValueError(f"ranking entries must be item indices in [0, {K}) or -1 (padding)")
+        if ((ranking[..., :-1] < 0) & (ranking[..., 1:] >= 0)).any():
+            raise ValueError("ranking may hold -1 only as padding at the tail of each list")
+        counts = torch.zeros(ranking.shape[:-1] + (K + 1,), dtype=torch.int64, device=ranking.device)
+        counts.scatter_add_(-1, torch.where(ranking >= 0, ranking, K), torch.ones_like(ranking))
+        if (counts[..., :K] > 1).any():
+            raise ValueError("ranking contains the same item twice in one list")
+        valid = _listed(ranking, K)
+    elif groups is not None:
+        if (groups < -1).any():
+            raise ValueError("groups must hold levels >= 0, or -1 for padding")
+        valid = groups >= 0
+    else:
+        valid = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if mask is not None:
+        valid = valid & mask
+    if (valid & (torch.isnan(scores) | torch.isposinf(scores))).any():
+        raise ValueError("scores contains NaN or +inf in an item that is scored (NaN is allowed only in padding: "
+                         "mask False, groups -1, or items a ranking does not list)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Custom ops
+# ------------------------------------------------------------------------------------------------------------
+
+def _acc_dtype(scores):
+    return torch.float64 if scores.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("prefrank::plackett_luce_nll", mutates_args=())
+def _nll_op(scores: torch.Tensor, ranking: torch.Tensor | None, groups: torch.Tensor | None,
+            mask: torch.Tensor | None, top_k: int, ties: int, use_triton: bool) -> torch.Tensor:
+    """Per-list NLL (lists,) of (lists, items) inputs; NaN for a bad list (see the module docstring)."""
+    raise NotImplementedError(f"prefrank::plackett_luce_nll has no kernel for {scores.device.type} tensors")
+
+
+def _require_kernels(device):
     _extension.require()
-    if scores.is_cuda and not _extension.has_cuda_kernels():
+    if device.type == "cuda" and not _extension.has_cuda_kernels():
         raise ImportError("prefrank._C was built without CUDA kernels; rebuild on a machine with nvcc and a "
                           "CUDA build of torch (PREFRANK_CUDA=1 make build)")
+
+
+@_nll_op.register_kernel("cpu")
+def _nll_cpu(scores, ranking, groups, mask, top_k, ties, use_triton):
+    _require_kernels(scores.device)
+    return torch.ops.prefrank_C.plackett_luce_nll_fwd(scores, ranking, groups, mask, top_k, ties)
+
+
+@_nll_op.register_kernel("cuda")
+def _nll_cuda(scores, ranking, groups, mask, top_k, ties, use_triton):
+    _require_kernels(scores.device)
+    return torch.ops.prefrank_C.plackett_luce_nll_fwd(scores, ranking, groups, mask, top_k, ties)
+
+
+@_nll_op.register_fake
+def _nll_fake(scores, ranking, groups, mask, top_k, ties, use_triton):
+    return scores.new_empty(scores.shape[:1], dtype=_acc_dtype(scores))
+
+
+@torch.library.custom_op("prefrank::plackett_luce_nll_backward", mutates_args=())
+def _nll_backward_op(grad_nll: torch.Tensor, scores: torch.Tensor, ranking: torch.Tensor | None,
+                     groups: torch.Tensor | None, mask: torch.Tensor | None, top_k: int, ties: int,
+                     use_triton: bool) -> torch.Tensor:
+    """grad_nll[b]·∂nll_b/∂scores (lists, items) in the scores' dtype; 0 for padding, NaN for a bad list."""
+    raise NotImplementedError(f"prefrank::plackett_luce_nll_backward has no kernel for {scores.device.type} "
+                              f"tensors")
+
+
+@_nll_backward_op.register_kernel("cpu")
+def _nll_backward_cpu(grad_nll, scores, ranking, groups, mask, top_k, ties, use_triton):
+    return torch.ops.prefrank_C.plackett_luce_nll_bwd(grad_nll, scores, ranking, groups, mask, top_k, ties)
+
+
+@_nll_backward_op.register_kernel("cuda")
+def _nll_backward_cuda(grad_nll, scores, ranking, groups, mask, top_k, ties, use_triton):
+    return torch.ops.prefrank_C.plackett_luce_nll_bwd(grad_nll, scores, ranking, groups, mask, top_k, ties)
+
+
+@_nll_backward_op.register_fake
+def _nll_backward_fake(grad_nll, scores, ranking, groups, mask, top_k, ties, use_triton):
+    return torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+
+
+def _setup_nll(ctx, inputs, output):
+    scores, ranking, groups, mask, top_k, ties, use_triton = inputs
+    ctx.save_for_backward(scores, ranking, groups, mask)
+    ctx.options = (top_k, ties, use_triton)
+
+
+def _nll_grad(ctx, grad_nll):
+    scores, ranking, groups, mask = ctx.saved_tensors
+    grad = torch.ops.prefrank.plackett_luce_nll_backward.default(grad_nll, scores, ranking, groups, mask,
+                                                                 *ctx.options)
+    return grad, None, None, None, None, None, None
+
+
+def _setup_backward(ctx, inputs, output):
+    grad_nll, scores, ranking, groups, mask, top_k, ties, use_triton = inputs
+    ctx.save_for_backward(grad_nll, scores, ranking, groups, mask)
+    ctx.options = (top_k, ties)
+
+
+def _nll_grad_grad(ctx, grad_grad):
+    """Second order through the reference: the vector-Hessian product of the O(K²) oracle (correct, slower
+    than the kernels; first-order training never runs it)."""
+    from prefrank import reference
+
+    grad_nll, scores, ranking, groups, mask = ctx.saved_tensors
+    top_k, ties = ctx.options
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        s = scores if scores.requires_grad else scores.detach().requires_grad_()
+        g = grad_nll if grad_nll.requires_grad else grad_nll.detach().requires_grad_()
+        nll = reference.plackett_luce_nll_unchecked(s, ranking=ranking, groups=groups, mask=mask,
+                                                    top_k=None if top_k < 0 else top_k, ties=Ties(ties).name)
+        (first,) = torch.autograd.grad(nll, s, g, create_graph=True)
+        d_grad_nll, d_scores = torch.autograd.grad(first, (g, s), grad_grad, create_graph=create_graph,
+                                                   allow_unused=True)
+    return d_grad_nll, d_scores, None, None, None, None, None, None
+
+
+_nll_op.register_autograd(_nll_grad, setup_context=_setup_nll)
+_nll_backward_op.register_autograd(_nll_grad_grad, setup_context=_setup_backward)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public function
+# ------------------------------------------------------------------------------------------------------------
+
+def plackett_luce_nll(scores: torch.Tensor, *, ranking: torch.Tensor | None = None,
+                      groups: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                      top_k: int | None = None, ties: str = "breslow", dim: int = -1, reduction: str = "none",
+                      impl: backend.Impl = "auto") -> torch.Tensor:
+    """Negative log-likelihood of an observed order under Plackett-Luce with log-strengths ``scores``.
+
+    Args:
+        scores: ``(..., K, ...)`` float tensor (fp32/fp16/bf16/fp64), items along ``dim``.
+        ranking: int tensor shaped like ``scores``: ``ranking[..., j]`` = index of the item at place ``j``
+            (best first); -1 pads the tail (absent items). A top-k observation lists the k observed items
+            first, then the others in any order, with ``top_k=k``.
+        groups: int tensor shaped like ``scores`` (int64, or any integer dtype incl. uint8): preference level
+            of every item, 0 = most preferred, equal levels are ties, -1 = padding.
+        mask: bool tensor shaped like ``scores``; False removes the item from every term.
+        top_k: score only the first ``k`` places (with ``groups``: the first ``k`` groups); the rest stay in
+            the denominators (the exact partial-ranking marginal).
+        ties: ``"breslow"`` or ``"efron"``: the Cox partial-likelihood tie rule for ``groups``.
+        dim: the item axis.
+        reduction: ``"none"`` (per list, shape ``scores.shape`` without ``dim``), ``"mean"`` or ``"sum"``.
+        impl: ``"auto"`` | ``"reference"`` | ``"triton"`` (see the module docstring).
+
+    Without ``ranking`` and ``groups`` the items are already best-first along ``dim``. With ``groups`` the
+    result is exactly the negative Cox partial log-likelihood with linear predictor ``scores`` and event time
+    = level (every group scored, the last included). Equivalent PyTorch for a full ranking::
+
+        u = scores.gather(-1, ranking)
+        nll = (torch.logcumsumexp(u.flip(-1), -1).flip(-1) - u).sum(-1)
+
+    Stable for scores of ±1e4. A valid item with score -inf has strength 0: scoring it while a finite item
+    competes gives +inf; a group whose whole risk set has strength 0 is scored as the limit of equal scores
+    (a constant). A list with no valid items (all padding, or K = 0) scores 0; zero lists give an empty
+    result (``"sum"``: 0; ``"mean"``: ValueError). NaN/+inf in a scored item: ValueError on CPU tensors (and
+    in ``prefrank.debug()``), NaN for that list on CUDA. Returns float32 (float64 for float64 scores).
+
+    Example::
+
+        >>> scores = torch.tensor([[2.0, 1.0, 0.0]])
+        >>> plackett_luce_nll(scores, groups=torch.tensor([[0, 1, 1]]), ties="efron")
+        tensor([1.3410])
+    """
+    scores_l, ranking_l, groups_l, mask_l, ties_code = checked_arguments(
+        scores, ranking, groups, mask, top_k, ties, dim, reduction)
+    impl = backend.resolve(impl)
+    if impl == "reference":
+        from prefrank import reference
+
+        if _checks.data_checks_enabled(scores_l, ranking_l, groups_l, mask_l):
+            check_values(scores_l, ranking_l, groups_l, mask_l)
+        nll = reference.plackett_luce_nll_unchecked(scores_l, ranking=ranking_l, groups=groups_l, mask=mask_l,
+                                                    top_k=top_k, ties=ties)
+        return _checks.reduce(nll, reduction)
+
     batch_shape = scores_l.shape[:-1]
-    flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731  (a view when possible)
-    flat_scores = flat(scores_l)
-    order, level = canonical_order(flat_scores.shape, scores.device, ranking=flat(ranking_l),
-                                   groups=flat(groups_l), mask=flat(mask_l))
-    nll = torch.ops.prefrank.plackett_luce_nll_fwd(flat_scores, order, level, -1 if top_k is None else top_k,
-                                                    _TIES_CODE[ties])
-    return _checks.reduce(nll.reshape(batch_shape), reduction)
-
-
-def _register():
-    """Fake (meta) kernels and autograd for the compiled ops, so torch.compile traces them as single nodes."""
-
-    @torch.library.register_fake("prefrank::plackett_luce_nll_fwd")
-    def _fwd_fake(scores, order, level, top_k, ties):
-        out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-        return scores.new_empty(scores.shape[0], dtype=out_dtype)
-
-    @torch.library.register_fake("prefrank::plackett_luce_nll_bwd")
-    def _bwd_fake(grad_nll, scores, order, level, top_k, ties):
-        return torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
-
-    def setup_context(ctx, inputs, output):
-        scores, order, level, top_k, ties = inputs
-        ctx.save_for_backward(scores, order, level)
-        ctx.top_k, ctx.ties = top_k, ties
-
-    def backward(ctx, grad_nll):
-        scores, order, level = ctx.saved_tensors
-        grad = torch.ops.prefrank.plackett_luce_nll_bwd(grad_nll, scores, order, level, ctx.top_k, ctx.ties)
-        return grad, None, None, None, None
-
-    torch.library.register_autograd("prefrank::plackett_luce_nll_fwd", backward, setup_context=setup_context)
-
-
-if _extension.available():
-    _register()
+    K = scores_l.shape[-1]
+    if scores_l.dim() != 2:  # (lists, items): a view when the batch dimensions allow it
+        lists = math.prod(batch_shape)
+        scores_l, ranking_l, groups_l, mask_l = (
+            None if t is None else t.reshape(lists, K) for t in (scores_l, ranking_l, groups_l, mask_l))
+    # the OpOverload directly: the same op as _nll_op(...), minus a Python wrapper layer per call
+    nll = torch.ops.prefrank.plackett_luce_nll.default(scores_l, ranking_l, groups_l, mask_l,
+                                                       -1 if top_k is None else top_k, ties_code, impl == "triton")
+    if _checks.data_checks_enabled(scores_l) and nll.isnan().any():
+        check_values(scores_l, ranking_l, groups_l, mask_l)
+        raise RuntimeError("prefrank.plackett_luce_nll returned NaN for inputs that pass its checks: please "
+                           "report this as a bug")
+    if len(batch_shape) != 1:
+        nll = nll.reshape(batch_shape)
+    return _checks.reduce(nll, reduction)

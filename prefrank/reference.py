@@ -2,10 +2,11 @@
 
 Written for clarity, not speed: each follows the defining formula directly, runs in float64 when given
 float64 (so ``torch.autograd.gradcheck`` applies) and is differentiable by autograd. Inputs are assumed
-valid (``prefrank.ops`` validates before dispatching here), except that the log-prob references run the
-same data checks as the kernels (label range, NaN/+inf at a labelled token: ValueError where
-``prefrank._checks.data_checks_enabled``), so every impl fails alike. Results are float32 for fp32/fp16/bf16 inputs
-and float64 for float64 inputs, like the kernels.
+valid (``prefrank.ops`` validates before dispatching here), except ``plackett_luce_nll``, which checks its
+arguments exactly like the op, and the log-prob references, which run the same data checks as the kernels
+(label range, NaN/+inf at a labelled token: ValueError where ``prefrank._checks.data_checks_enabled``), so
+every impl fails alike. Results are float32 for fp32/fp16/bf16 inputs and float64 for float64 inputs, like
+the kernels.
 """
 
 import torch
@@ -43,7 +44,25 @@ def _pl_item_levels(scores, ranking, groups, mask):
 
 def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=None, ties="breslow", dim=-1,
                       reduction="none"):
+    """The oracle of ``prefrank.ops.plackett_luce_nll``, with the same argument and value checks (the same
+    ValueError/TypeError for bad input; value checks where ``prefrank._checks.data_checks_enabled``)."""
+    from prefrank import _checks, plackett_luce
+
+    s, r, g, m, _ = plackett_luce.checked_arguments(scores, ranking, groups, mask, top_k, ties, dim, reduction)
+    if _checks.data_checks_enabled(s, r, g, m):
+        plackett_luce.check_values(s, r, g, m)
+    nll = plackett_luce_nll_unchecked(s, ranking=r, groups=g, mask=m, top_k=top_k, ties=ties)
+    if reduction == "sum":
+        return nll.sum()
+    if reduction == "mean":
+        return nll.mean()
+    return nll
+
+
+def plackett_luce_nll_unchecked(scores, *, ranking=None, groups=None, mask=None, top_k=None, ties="breslow"):
     """Plackett-Luce / Cox partial-likelihood NLL by its definition over dense risk sets (O(K²) per list).
+
+    Inputs valid and item axis last; returns the per-list NLL.
 
     For every valid item i with level g(i): risk set R(i) = {j valid: g(j) ≥ g(i)}, its group
     G(i) = {j valid: g(j) = g(i)} of size d, and ℓ(i) = its index inside G(i). The NLL is
@@ -55,14 +74,17 @@ def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=Non
     scores: log(|R(i)| − ℓ(i)) (Efron) or log|R(i)| (Breslow). See ``prefrank.ops.plackett_luce_nll``.
     """
     acc = _accumulation_dtype(scores)
-    s = scores.movedim(dim, -1).to(acc)
-    move = lambda t: None if t is None else t.movedim(dim, -1)  # noqa: E731
-    level, valid = _pl_item_levels(s, move(ranking), move(groups), move(mask))
+    level, valid = _pl_item_levels(scores, ranking, groups, mask)
+    s = torch.where(valid, scores.to(acc), 0.0)  # padding takes no part (NaN there must not leak into grads)
 
     li, lj = level[..., :, None], level[..., None, :]
     vj = valid[..., None, :]
-    in_risk = vj & (lj >= li)                                   # [.., i, j]: j in R(i)
-    in_group = vj & (lj == li)                                  # j in G(i)
+    # rows of padding items are dropped at the end; they get the item itself as risk set and group, so no
+    # empty log-sum-exp (NaN in the backward, also under the where) is ever formed
+    itself = torch.eye(s.shape[-1], dtype=torch.bool, device=s.device)
+    vi = valid[..., :, None]
+    in_risk = torch.where(vi, vj & (lj >= li), itself)          # [.., i, j]: j in R(i)
+    in_group = torch.where(vi, vj & (lj == li), itself)         # j in G(i)
     earlier_in_group = in_group & torch.ones_like(in_group).tril(-1).bool()
     group_size = in_group.sum(-1).to(acc)
     tie_index = earlier_in_group.sum(-1).to(acc)
@@ -85,12 +107,7 @@ def plackett_luce_nll(scores, *, ranking=None, groups=None, mask=None, top_k=Non
     term = -s + log_risk + torch.log1p(-c * torch.exp(log_group - log_risk))
     limit = torch.log((n_risk - (tie_index if ties == "efron" else 0.0)).clamp(min=1))
     term = torch.where(zero_strength, limit, term)
-    nll = torch.where(scored, term, torch.zeros_like(term)).sum(-1)
-    if reduction == "sum":
-        return nll.sum()
-    if reduction == "mean":
-        return nll.mean()
-    return nll
+    return torch.where(scored, term, torch.zeros_like(term)).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -147,24 +164,6 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, segment_ids=N
 # Sorting networks (sortnet family)
 # ------------------------------------------------------------------------------------------------------------
 
-def _sortnet_alpha(d, relaxation, steepness, art_lambda):
-    """Comparator weight α = f(d), d = x_v − x_u, exactly as the diffsort package computes it."""
-    if relaxation == "logistic":
-        return torch.sigmoid(d * steepness)
-    if relaxation == "logistic_phi":
-        return torch.sigmoid(d * steepness / (d.abs() + 1e-10).pow(art_lambda))
-    if relaxation == "gaussian":
-        return 0.5 + 0.5 * torch.erf(d / (1 / steepness) / 2.0**0.5)
-    z = d * steepness
-    if relaxation == "reciprocal":
-        return 0.5 * (z / (2 + z.abs()) + 1)
-    if relaxation == "cauchy":
-        return 1 / torch.pi * torch.atan(z) + 0.5
-    # "optimal": z + 1/2 on |z| ≤ 1/4, 1 − 1/(16z) above, −1/(16z) below
-    outside = (z > 0.25).to(z.dtype) - (z < -0.25).to(z.dtype)
-    return z.clamp(-0.25, 0.25) + 0.5 + outside * (0.25 - 1 / 16 / (z.abs() + 1e-10))
-
-
 def soft_sort(x, *, network="odd_even", relaxation="cauchy", steepness=10.0, art_lambda=0.25,
               descending=False, dim=-1, return_permutation=True):
     """Relaxed sorting network, one layer at a time (see ``prefrank.networks`` for the comparator rule).
@@ -191,13 +190,8 @@ def soft_sort(x, *, network="odd_even", relaxation="cauchy", steepness=10.0, art
     for layer in range(partner.shape[0]):
         p = partner[layer]
         xp = v[..., p]
-        alpha = _sortnet_alpha(torch.where(p > wires, xp - v, v - xp), relaxation, steepness, art_lambda)
-        flipped = receives_min[layer] != (wires < p)
-        own = torch.where(flipped, 1 - alpha, alpha)
-        other = torch.where(flipped, alpha, 1 - alpha)
-        through = p == wires  # pass-through wires stay exact
-        own = torch.where(through, torch.ones_like(own), own)
-        other = torch.where(through, torch.zeros_like(other), other)
+        alpha = networks.relaxed_alpha(torch.where(p > wires, xp - v, v - xp), relaxation, steepness, art_lambda)
+        own, other = networks.mix_weights(alpha, receives_min[layer] != (wires < p), p == wires)
         v = own * v + other * xp
         if P is not None:
             P = own[..., None, :] * P + other[..., None, :] * P[..., :, p]
@@ -225,12 +219,12 @@ def sortnet_rank_loss(scores, groups, *, target="block", network="odd_even", rel
     batch_shape, n = scores.shape[:-1], scores.shape[-1]
     flat_scores = scores.reshape(-1, n).to(acc)
     flat_groups = groups.reshape(-1, n)
-    losses = []
+    losses = [flat_scores[:0].sum()]  # a 0 placeholder (dropped below): stack and graph for an empty batch
     for s_row, g_row in zip(flat_scores, flat_groups, strict=True):
         valid = g_row >= 0
         m = int(valid.sum())
-        if m == 0:
-            losses.append(s_row.sum() * 0)
+        if m == 0:  # 0, connected to the scores (padding may hold NaN: never multiplied)
+            losses.append(torch.where(valid, s_row, 0).sum())
             continue
         s, g = s_row[valid], g_row[valid]
         _, P = soft_sort(s, network=network, relaxation=relaxation, steepness=steepness,
@@ -245,7 +239,7 @@ def sortnet_rank_loss(scores, groups, *, target="block", network="odd_even", rel
         else:
             Q = torch.nn.functional.one_hot(before, m).to(acc)
             losses.append(torch.nn.functional.binary_cross_entropy(P.clamp(0, 1), Q))
-    loss = torch.stack(losses).reshape(batch_shape)
+    loss = torch.stack(losses)[1:].reshape(batch_shape)
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":

@@ -23,12 +23,27 @@ def test_extension_is_current():
     assert _extension._C.source_hash == _extension._source_hash(ROOT / "csrc")
 
 
+# every public custom op (torch.ops.prefrank.*) and the CUDA C++ kernels behind the PL ones (prefrank_C)
+PUBLIC_OPS = ("plackett_luce_nll", "plackett_luce_nll_backward", "sequence_logprobs_fwd", "sequence_logprobs_bwd",
+              "sequence_logprobs_bwd_", "linear_sequence_logprobs_fwd", "linear_sequence_logprobs_bwd",
+              "linear_sequence_logprobs_bwd_", "sortnet_forward", "sortnet_backward", "sortnet_loss_forward",
+              "sortnet_loss_backward")
+
+
+def test_every_public_op_has_cpu_and_cuda_kernels():
+    import prefrank.ops  # noqa: F401  (registers the custom ops)
+
+    for op in PUBLIC_OPS:
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"prefrank::{op}", key), (op, key)
+
+
 @pytest.mark.skipif(not (torch.version.cuda and NVCC), reason="needs a CUDA build of torch and nvcc")
 def test_cuda_kernels_are_built_and_registered():
     assert _extension.has_cuda_kernels()
     for op in ("plackett_luce_nll_fwd", "plackett_luce_nll_bwd"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"prefrank::{op}", "CUDA")
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"prefrank::{op}", "CPU")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"prefrank_C::{op}", "CUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"prefrank_C::{op}", "CPU")
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")

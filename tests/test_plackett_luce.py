@@ -216,32 +216,89 @@ def test_gradcheck_fp64(seed, mode, ties, top_k):
     assert torch.autograd.gradcheck(lambda t: ops.plackett_luce_nll(t, ties=ties, top_k=top_k, **kw), (x,))
 
 
-def test_opcheck_registered_ops(seed):
-    from prefrank.plackett_luce import canonical_order
+CASES = {  # every argument the kernels read, each in at least one case
+    "ranking_top_k": lambda: (dict(ranking=torch.tensor([[2, 0, 1, 4, -1], [1, 3, 4, 2, 0], [0, -1, -1, -1, -1]])),
+                              dict(top_k=2)),
+    "groups_breslow_mask": lambda: (dict(groups=torch.tensor([[0, 1, 1, 2, -1], [1, 0, 0, 2, 2], [0, 0, 0, 0, 1]]),
+                                         mask=torch.tensor([[1, 1, 1, 1, 0], [1, 0, 1, 1, 1], [1, 1, 1, 1, 1]],
+                                                           dtype=torch.bool)), dict(ties="breslow")),
+    "groups_efron_top_k": lambda: (dict(groups=torch.tensor([[3, 1, 1, 0, 0], [0, 2, 2, 2, 1], [-1, 0, 1, 1, 1]])),
+                                   dict(ties="efron", top_k=1)),
+    "mask_order": lambda: (dict(mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0]],
+                                                  dtype=torch.bool)), dict()),
+}
 
-    for dtype in (torch.float32, torch.float64):
-        scores, kw = random_case(4, 6, "groups", ragged=True, dtype=dtype)
-        order, level = canonical_order(scores.shape, scores.device, **kw)
-        for ties in (0, 1):
-            args = (scores.requires_grad_(), order, level, -1, ties)
-            torch.library.opcheck(torch.ops.prefrank.plackett_luce_nll_fwd.default, args)
-            grad = torch.randn(4, dtype=dtype)
-            torch.library.opcheck(torch.ops.prefrank.plackett_luce_nll_bwd.default,
-                                  (grad, scores.detach(), order, level, 2, ties))
+
+def case_inputs(name, dtype=torch.float32):
+    tensors, options = CASES[name]()
+    return torch.randn(3, 5, dtype=torch.float64).to(dtype), tensors, options
 
 
-def test_torch_compile_fullgraph(seed):
-    scores, kw = random_case(5, 7, "groups", ragged=True, dtype=torch.float32)
-    fn = torch.compile(lambda s, g: ops.plackett_luce_nll(s, groups=g, ties="efron", reduction="mean"),
-                       fullgraph=True, backend="aot_eager")
-    x = scores.clone().requires_grad_()
-    got = fn(x, kw["groups"])
-    got.backward()
-    y = scores.clone().requires_grad_()
-    want = ops.plackett_luce_nll(y, groups=kw["groups"], ties="efron", reduction="mean")
-    want.backward()
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(x.grad, y.grad)
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_custom_ops(seed, name, dtype):
+    from prefrank._options import Ties
+
+    scores, tensors, options = case_inputs(name, dtype)
+    top_k = options.get("top_k") or -1
+    ties = int(Ties[options.get("ties", "breslow")])
+    args = [tensors.get(k) for k in ("ranking", "groups", "mask")]
+    torch.library.opcheck(torch.ops.prefrank.plackett_luce_nll.default,
+                          (scores.requires_grad_(), *args, top_k, ties, False))
+    grad = torch.randn(3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.library.opcheck(torch.ops.prefrank.plackett_luce_nll_backward.default,
+                          (grad, scores.detach(), *args, top_k, ties, False))
+    torch.library.opcheck(torch.ops.prefrank.plackett_luce_nll_backward.default,  # strided grad (from a sum)
+                          (torch.ones((), dtype=grad.dtype).expand(3), scores.detach(), *args, top_k, ties, True))
+
+
+def _pl_with(tensors, options, dim=-1, reduction="mean"):
+    def fn(scores, *values):
+        kwargs = dict(zip(tensors, values))
+        if dim != -1:
+            scores = scores.transpose(0, 1)
+            kwargs = {k: v.transpose(0, 1) for k, v in kwargs.items()}
+        return ops.plackett_luce_nll(scores, dim=dim, reduction=reduction, **kwargs, **options)
+    return fn
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiles_fullgraph(seed, name, backend, dynamic):
+    from tests.compile_checks import assert_compiles
+
+    scores, tensors, options = case_inputs(name)
+    dim = 0 if name == "groups_efron_top_k" else -1  # dim != -1: the inputs are transposed views
+    assert_compiles(_pl_with(tensors, options, dim), [scores, *tensors.values()], backend=backend, dynamic=dynamic)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_no_host_sync_on_cuda(name, dim):
+    from tests.compile_checks import assert_no_host_sync_on_cuda
+
+    scores, tensors, options = case_inputs(name)
+    out = assert_no_host_sync_on_cuda(_pl_with(tensors, options, dim, reduction="none"),
+                                      [scores, *tensors.values()])
+    assert out.shape == (3,) and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradgradcheck_fp64(seed, name):
+    scores, tensors, options = case_inputs(name, torch.float64)
+    x = scores.requires_grad_()
+    fn = lambda t: ops.plackett_luce_nll(t, **tensors, **options)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_double_backward_matches_reference_hessian(seed):
+    scores, tensors, options = case_inputs("groups_efron_top_k", torch.float64)
+    h_ops = torch.autograd.functional.hessian(lambda t: ops.plackett_luce_nll(t, **tensors, **options).sum(), scores)
+    h_ref = torch.autograd.functional.hessian(
+        lambda t: reference.plackett_luce_nll(t, **tensors, **options).sum(), scores)
+    torch.testing.assert_close(h_ops, h_ref)
+    assert h_ops.abs().sum() > 0
 
 
 def test_reference_backend_dispatch(seed):
@@ -285,6 +342,105 @@ def test_bad_input_names_the_argument(call, error, words):
 def test_backend_name_is_checked():
     with pytest.raises(ValueError, match="backend"):
         ops.set_backend("cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Edge cases (issue #13): empty inputs, NaN in padding, bad values, short rankings, uint8 groups
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", [{}, {"ranking": torch.zeros(3, 0, dtype=torch.long)},
+                                   {"groups": torch.zeros(3, 0, dtype=torch.long)}])
+def test_zero_items_score_zero(order):
+    x = torch.randn(3, 0, requires_grad=True)
+    got = ops.plackett_luce_nll(x, **order)
+    assert torch.equal(got, torch.zeros(3))
+    got.sum().backward()
+    assert x.grad.shape == (3, 0)
+
+
+def test_zero_lists_give_an_empty_result():
+    x = torch.randn(0, 4, requires_grad=True)
+    got = ops.plackett_luce_nll(x, groups=torch.zeros(0, 4, dtype=torch.long))
+    assert got.shape == (0,)
+    total = ops.plackett_luce_nll(x, reduction="sum")
+    assert total.item() == 0.0
+    total.backward()
+    assert x.grad.shape == (0, 4)
+    with pytest.raises(ValueError, match="mean"):
+        ops.plackett_luce_nll(x, reduction="mean")
+
+
+PADDING = {
+    "groups": lambda: dict(groups=torch.tensor([[0, -1, 1, 2], [1, 0, -1, -1]])),
+    "mask": lambda: dict(mask=torch.tensor([[True, False, True, True], [True, True, False, False]])),
+    "ranking": lambda: dict(ranking=torch.tensor([[3, 0, 2, -1], [1, 0, -1, -1]])),
+}
+PADDED = torch.tensor([[False, True, False, False], [False, False, True, True]])  # the padding of each kind
+
+
+@pytest.mark.parametrize("kind", sorted(PADDING))
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+def test_nan_in_padding_is_ignored(seed, kind, ties):
+    clean = torch.randn(2, 4, dtype=torch.float64)
+    dirty = torch.where(PADDED, float("nan"), clean)
+    x = dirty.clone().requires_grad_()
+    got = ops.plackett_luce_nll(x, ties=ties, **PADDING[kind]())
+    want = reference.plackett_luce_nll(clean, ties=ties, **PADDING[kind]())
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[PADDED].eq(0).all()
+
+
+@pytest.mark.parametrize("kind", sorted(PADDING))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_scored_item_raises_on_cpu(kind, value):
+    scores = torch.randn(2, 4)
+    scores[0, 0] = value  # item 0 is scored in every kind
+    with pytest.raises(ValueError, match="scores"):
+        ops.plackett_luce_nll(scores, **PADDING[kind]())
+    with pytest.raises(ValueError, match="scores"):
+        ops.plackett_luce_nll(scores, impl="reference", **PADDING[kind]())
+
+
+@pytest.mark.parametrize("bad", [
+    dict(ranking=torch.tensor([[0, 9, 1], [2, 0, 1]])),     # out of range: never read
+    dict(ranking=torch.tensor([[0, 0, 1], [2, 0, 1]])),     # repeated item
+    dict(ranking=torch.tensor([[0, -1, 1], [2, 0, 1]])),    # -1 before the tail
+    dict(ranking=torch.tensor([[0, -7, 1], [2, 0, 1]])),    # below -1
+    dict(groups=torch.tensor([[0, -2, 1], [2, 0, 1]])),     # level below -1
+    dict(scores_nan=True),
+])
+def test_kernels_write_nan_for_a_bad_list_without_data_checks(bad):
+    """What CUDA tensors get by default (no data checks, no sync): NaN for the bad list, the others exact."""
+    scores = torch.randn(2, 3)
+    if bad.pop("scores_nan", False):
+        scores[0, 1] = float("nan")
+    args = [bad.get(k) for k in ("ranking", "groups")]
+    nll = torch.ops.prefrank.plackett_luce_nll(scores, *args, None, -1, 0, False)
+    assert nll[0].isnan() and torch.isfinite(nll[1])
+    good = {k: v[1:] for k, v in bad.items()}
+    torch.testing.assert_close(nll[1:], ops.plackett_luce_nll(scores[1:], **good))
+    grad = torch.ops.prefrank.plackett_luce_nll_backward(torch.ones(2), scores, *args, None, -1, 0, False)
+    assert grad[0].isnan().all() and torch.isfinite(grad[1]).all()
+
+
+def test_ranking_shorter_than_the_items_points_at_top_k_and_padding():
+    scores = torch.randn(1, 3)
+    with pytest.raises(ValueError, match=r"top_k.*|-1") as info:
+        ops.plackett_luce_nll(scores, ranking=torch.tensor([[2, 0]]))
+    assert "top_k" in str(info.value) and "-1" in str(info.value) and "ranking" in str(info.value)
+    # the model a top-k user means: list the observed items first, pass top_k
+    got = ops.plackett_luce_nll(scores, ranking=torch.tensor([[2, 0, 1]]), top_k=2)
+    want = (torch.logcumsumexp(scores[:, [2, 0, 1]].flip(-1), -1).flip(-1) - scores[:, [2, 0, 1]])[:, :2].sum(-1)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int32])
+def test_small_integer_groups_accepted(seed, dtype):
+    scores = torch.randn(4, 6)
+    groups = torch.randint(0, 3, (4, 6))
+    torch.testing.assert_close(ops.plackett_luce_nll(scores, groups=groups.to(dtype), ties="efron"),
+                               ops.plackett_luce_nll(scores, groups=groups, ties="efron"))
 
 
 # ---------------------------------------------------------------------------------------------------------

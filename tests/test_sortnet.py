@@ -4,9 +4,11 @@ import diffsort
 import pytest
 import torch
 
-from prefrank import networks, ops, reference
+import prefrank
+from prefrank import _checks, networks, ops, reference, sortnet
 from prefrank.backend import use_backend
-from prefrank.sortnet import RELAXATIONS
+from prefrank.networks import RELAXATIONS
+from tests.compile_checks import assert_compiles, assert_no_host_sync_on_cuda
 
 NETWORKS = networks.NETWORKS
 PARITY_SIZES = (1, 2, 3, 5, 8, 13, 16, 32, 64)
@@ -383,15 +385,128 @@ def test_rank_loss_pairwise_matches_soft_sort(seed):
     torch.testing.assert_close(loss, expected)
 
 
-def test_registered_ops_opcheck(seed):
-    x = torch.randn(3, 6, requires_grad=True)
-    for with_perm in (True, False):
-        torch.library.opcheck(torch.ops.prefrank.sortnet_forward.default, (x, 1, 4, 3.0, 0.25, with_perm))
-    from prefrank.sortnet import _compact_lists
-    groups = torch.tensor([[0, 0, 1, -1, 2, 2], [1, 0, 1, 0, -1, -1], [-1] * 6])
-    y, sizes, lo, hi = _compact_lists(x.detach(), groups, "block")
-    torch.library.opcheck(torch.ops.prefrank.sortnet_loss_forward.default,
-                          (y.requires_grad_(), sizes, lo, hi, 0, 0, 4, 3.0, 0.25))
+def _loss_kernel_inputs(scores, groups, target):
+    y, sizes, lo, hi = sortnet._compact_lists(scores, groups, target)
+    return y, sizes, lo, hi
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_custom_ops_opcheck(use_triton, seed):
+    """Every custom op (forward and backward, soft sort and loss) passes opcheck on its cpu kernel (C++, or
+    the Triton launcher in the interpreter) and its fake kernel; the same fake serves the cuda kernel."""
+    dtype = torch.float64 if use_triton else torch.float32
+    x = torch.randn(3, 6, dtype=dtype)
+    combos = [(1, 4, True), (0, 2, False)] if use_triton else [(net, rel, perm) for net in (0, 1)
+                                                              for rel in range(6) for perm in (True, False)]
+    for network, relaxation, with_perm in combos:
+        args = (x.requires_grad_(), network, relaxation, 3.0, 0.25, with_perm, use_triton)
+        torch.library.opcheck(sortnet.sortnet_forward, args)
+        _, perm, alpha = sortnet.sortnet_forward(*args)
+        grad_perm = torch.randn_like(perm) if with_perm else None
+        # the backward ops are not differentiable (a clear error, tested below): inputs without grad
+        torch.library.opcheck(sortnet.sortnet_backward, (torch.randn(3, 6, dtype=dtype), grad_perm, x.detach(),
+                                                         alpha, network, relaxation, 3.0, 0.25, use_triton))
+    groups = {"block": torch.tensor([[0, 0, 1, -1, 2, 2], [1, 0, 1, 0, -1, -1], [-1] * 6]),
+              "permutation": torch.tensor([[0, 3, 1, -1, 2, 4], [1, 0, 5, 3, -1, 2], [-1] * 6])}
+    for target, target_code in (("block", 0), ("permutation", 1)):
+        y, sizes, lo, hi = _loss_kernel_inputs(x.detach(), groups[target], target)
+        network = 1 - target_code
+        args = (y.requires_grad_(), sizes, lo, hi, target_code, network, 4, 3.0, 0.25, use_triton)
+        torch.library.opcheck(sortnet.sortnet_loss_forward, args)
+        _, alpha = sortnet.sortnet_loss_forward(*args)
+        torch.library.opcheck(sortnet.sortnet_loss_backward,
+                              (torch.rand(3, dtype=dtype), y.detach(), sizes, lo, hi, alpha, target_code, network,
+                               4, 3.0, 0.25, use_triton))
+
+
+def test_cuda_kernels_are_registered():
+    """torch.ops.prefrank.sortnet_* have a CUDA kernel (Triton) and a fake kernel, not just CPU; the C++
+    kernels live in the private prefrank_C namespace."""
+    for name in ("sortnet_forward", "sortnet_backward", "sortnet_loss_forward", "sortnet_loss_backward"):
+        op = getattr(torch.ops.prefrank, name).default
+        for key in ("CPU", "CUDA", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), (name, key)
+        assert hasattr(torch.ops.prefrank_C, name)
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "triton"])
+def test_double_backward_raises_clearly(backend_name):
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    values, P = ops.soft_sort(x, impl=backend_name)
+    (grad,) = torch.autograd.grad((values ** 2).sum() + P[..., 0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward of prefrank\.soft_sort is not implemented"):
+        grad.sum().backward()
+    groups = torch.tensor([[0, 1, 1, -1, 2]] * 2)
+    loss = ops.sortnet_rank_loss(x, groups, impl=backend_name)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward of prefrank\.sortnet_rank_loss is not implemented"):
+        grad.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile and host synchronisation (issue #11)
+# ---------------------------------------------------------------------------------------------------------
+
+# Options that change what is traced (network → layer count in the fake kernels, descending, dim, P or not,
+# target, reduction) plus every relaxation; the relaxation and the float options are constants of one op.
+SOFT_SORT_OPTIONS = [
+    dict(),
+    dict(network="bitonic", relaxation="logistic_phi", descending=True, dim=0, return_permutation=False),
+    dict(relaxation="gaussian", steepness=3.0, descending=True),
+    dict(network="bitonic", relaxation="optimal", art_lambda=0.5),
+    dict(relaxation="reciprocal", dim=0),
+    dict(network="bitonic", relaxation="logistic", return_permutation=False),
+]
+LOSS_OPTIONS = [
+    dict(),
+    dict(target="permutation", network="bitonic", relaxation="logistic", reduction="none"),
+    dict(relaxation="gaussian", reduction="sum", steepness=3.0),
+    dict(target="permutation", relaxation="optimal", reduction="mean"),
+    dict(network="bitonic", relaxation="reciprocal", reduction="none"),
+    dict(relaxation="logistic_phi", art_lambda=0.5, reduction="sum"),
+]
+
+
+def _loss_case(target, shape=(3, 6)):
+    scores = torch.randn(*shape)
+    if target == "permutation":
+        groups = torch.stack([torch.randperm(shape[-1]) for _ in range(shape[0])])
+        groups[0, 1] = -1
+    else:
+        groups = torch.randint(0, 3, shape)
+        groups[0, :2] = -1
+    return scores, groups
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_fullgraph_compile(compile_backend, dynamic, seed):
+    """Both ops and their options trace with fullgraph=True, forward and backward, static and dynamic shapes;
+    results and gradients equal eager. Compiles are slow on CPU (minutes on the shared machine): each
+    backend × shape mode sees two option sets per op; the four combinations together cover every option
+    set, and each backend sees both networks, P on and off, both targets and every reduction."""
+    turn = 2 * (compile_backend == "inductor") + dynamic
+    soft_options = [SOFT_SORT_OPTIONS[(2 * turn) % 6], SOFT_SORT_OPTIONS[(2 * turn + 1) % 6]]
+    loss_options = [LOSS_OPTIONS[(2 * turn + 1) % 6], LOSS_OPTIONS[(2 * turn + 2) % 6]]
+    for options in soft_options:
+        assert_compiles(ops.soft_sort, [torch.randn(4, 5)], backend=compile_backend, dynamic=dynamic, **options)
+    for options in loss_options:
+        scores, groups = _loss_case(options.get("target", "block"))
+        assert_compiles(ops.sortnet_rank_loss, [scores, groups], backend=compile_backend, dynamic=dynamic,
+                        **options)
+
+
+def test_no_host_sync_on_cuda(seed):
+    """Forward on CUDA-device fake tensors, debug off: no data-dependent read-back (a GPU sync) anywhere."""
+    for options in SOFT_SORT_OPTIONS:
+        values, P = assert_no_host_sync_on_cuda(ops.soft_sort, [torch.randn(4, 5)], **options)
+        assert values.device.type == "cuda" and values.shape == (4, 5)
+        assert P is None or P.shape == ((5, 4, 4) if options.get("dim") == 0 else (4, 5, 5))
+    for options in LOSS_OPTIONS:
+        scores, groups = _loss_case(options.get("target", "block"))
+        loss = assert_no_host_sync_on_cuda(ops.sortnet_rank_loss, [scores, groups], **options)
+        assert loss.device.type == "cuda"
+        assert loss.shape == ((3,) if options.get("reduction") == "none" else ())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -431,8 +546,6 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="art_lambda"):
         ops.soft_sort(x, art_lambda=-1.0)
     from prefrank.triton_kernels import sortnet as kernels
-
-    from prefrank import sortnet
     assert sortnet.TRITON_MAX_N == kernels.MAX_N == 512
     with use_backend("triton"), pytest.raises(ValueError, match="n=513 items exceeds.*limit of 512"):
         ops.soft_sort(torch.randn(1, 513))
@@ -440,6 +553,132 @@ def test_bad_input_errors():
         ops.sortnet_rank_loss(torch.randn(1, 513), torch.zeros(1, 513, dtype=torch.int64))
     # NaN in padding is fine: padding never enters the sort
     ops.sortnet_rank_loss(torch.tensor([[0.0, float("nan")]]), torch.tensor([[0, -1]]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# empty inputs and non-finite values (issue #13): one documented behaviour on every path
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["auto", "triton", "reference"])
+def test_rank_loss_empty_batch(impl):
+    """B = 0: an empty result ("none"), 0 ("sum"), a ValueError naming scores ("mean") — main raised a
+    RuntimeError from inside the kernels/torch.stack for every reduction."""
+    for shape in [(0, 4), (2, 0, 4)]:
+        scores = torch.randn(shape, requires_grad=True)
+        groups = torch.zeros(shape, dtype=torch.int64)
+        loss = ops.sortnet_rank_loss(scores, groups, reduction="none", impl=impl)
+        assert loss.shape == shape[:-1] and loss.dtype == torch.float32
+        total = ops.sortnet_rank_loss(scores, groups, reduction="sum", impl=impl)
+        assert total.item() == 0.0
+        total.backward()
+        assert scores.grad.shape == shape
+        with pytest.raises(ValueError, match=r"scores holds no lists.*reduction='mean'"):
+            ops.sortnet_rank_loss(scores, groups, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton", "reference"])
+def test_rank_loss_no_items(impl):
+    """n = 0: every list is empty, so its loss is 0 like an all-padding list (main: RuntimeError)."""
+    scores = torch.randn(3, 0, dtype=torch.float64, requires_grad=True)
+    groups = torch.zeros(3, 0, dtype=torch.int64)
+    for target in ("block", "permutation"):
+        loss = ops.sortnet_rank_loss(scores, groups, target=target, reduction="none", impl=impl)
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, torch.zeros(3, dtype=torch.float64))
+        assert ops.sortnet_rank_loss(scores, groups, target=target, impl=impl).item() == 0.0
+    ops.sortnet_rank_loss(scores, groups, reduction="sum", impl=impl).backward()
+    assert scores.grad.shape == (3, 0)
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton", "reference"])
+def test_soft_sort_empty_batch(impl):
+    for shape, dim in [((0, 5), -1), ((3, 0, 4), 0), ((2, 3, 0), 1)]:
+        x = torch.randn(shape, requires_grad=True)
+        values, P = ops.soft_sort(x, dim=dim, impl=impl)
+        assert values.shape == shape
+        n = shape[dim]
+        assert P.shape == tuple(s for i, s in enumerate(shape) if i != dim % len(shape)) + (n, n)
+        (values.sum() + P.sum()).backward()
+        assert x.grad.shape == shape
+    with pytest.raises(ValueError, match="x must have at least one item along dim=1"):
+        ops.soft_sort(torch.randn(2, 0), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton", "reference"])
+def test_nan_in_padding_is_ignored(impl):
+    """Padding (groups = -1) never enters the sort: NaN/inf there changes neither the loss nor any gradient."""
+    scores = torch.randn(2, 5, dtype=torch.float64)
+    groups = torch.tensor([[0, -1, 1, 2, -1], [-1, -1, -1, -1, -1]])
+    poisoned = scores.clone()
+    nan, inf = float("nan"), float("inf")
+    poisoned[groups < 0] = torch.tensor([nan, inf, -inf, nan, 1e300, nan, -inf], dtype=torch.float64)
+    clean_leaf, poisoned_leaf = scores.clone().requires_grad_(), poisoned.clone().requires_grad_()
+    clean = ops.sortnet_rank_loss(clean_leaf, groups, reduction="none", impl=impl)
+    dirty = ops.sortnet_rank_loss(poisoned_leaf, groups, reduction="none", impl=impl)
+    torch.testing.assert_close(dirty, clean)
+    assert dirty[1].item() == 0.0
+    dirty.sum().backward()
+    clean.sum().backward()
+    torch.testing.assert_close(poisoned_leaf.grad, clean_leaf.grad)
+    assert (poisoned_leaf.grad[groups < 0] == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton", "reference"])
+def test_non_finite_scored_items_raise_on_cpu(impl):
+    """NaN, +inf and -inf in a scored item: ValueError naming the user's argument, on every impl."""
+    groups = torch.tensor([[0, 1, -1]])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match=r"^scores contains NaN or inf at an item with groups >= 0"):
+            ops.sortnet_rank_loss(torch.tensor([[0.0, bad, 1.0]]), groups, impl=impl)
+        with pytest.raises(ValueError, match=r"^x contains NaN or inf"):
+            ops.soft_sort(torch.tensor([[0.0, bad, 1.0]]), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_unchecked_path_gives_nan_not_garbage(impl, monkeypatch):
+    """What CUDA does outside prefrank.debug(): no value checks (no host sync), so NaN/inf in a scored item,
+    levels below -1 and tied permutation levels make THAT list's loss NaN (the others are untouched, nothing
+    is read out of bounds); a non-finite x comes out as NaN in its list. Simulated on CPU by switching the
+    data checks off."""
+    scores = torch.randn(4, 5, dtype=torch.float64)
+    groups = torch.tensor([[0, 1, 2, 3, 4]] * 4)
+    expected = ops.sortnet_rank_loss(scores, groups, reduction="none", impl=impl)
+    monkeypatch.setattr(_checks, "data_checks_enabled", lambda *tensors: False)
+    bad_scores, bad_groups = scores.clone(), groups.clone()
+    bad_scores[0, 2] = float("nan")
+    bad_scores[1, 4] = float("inf")
+    bad_groups[2, 0] = -7
+    loss = ops.sortnet_rank_loss(bad_scores, bad_groups, reduction="none", impl=impl)
+    assert loss[:3].isnan().all()
+    torch.testing.assert_close(loss[3], expected[3])
+    tied = groups.clone()
+    tied[3, 1] = 0
+    loss = ops.sortnet_rank_loss(scores, tied, target="permutation", reduction="none", impl=impl)
+    assert loss[3].isnan() and not loss[:3].isnan().any()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(2, 6, dtype=torch.float64)
+        x[0, 3] = bad
+        values, P = ops.soft_sort(x, impl=impl)
+        assert values[0].isnan().any() and P[0].isnan().any()
+        torch.testing.assert_close(values[1], ops.soft_sort(x[1:], impl=impl)[0][0])
+    with prefrank.debug():  # debug mode checks on every device again
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match="scores contains NaN"):
+            ops.sortnet_rank_loss(bad_scores, groups, impl=impl)
+
+
+def test_bad_impl_and_errors_name_the_argument():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.soft_sort(x, impl="cuda")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.sortnet_rank_loss(x, torch.zeros(2, 3, dtype=torch.int64), impl=None)
+    with pytest.raises(TypeError, match="descending must be a bool"):
+        ops.soft_sort(x, descending=1)
+    with pytest.raises(ValueError, match="scores must have at least one dimension"):
+        ops.sortnet_rank_loss(torch.tensor(1.0), torch.tensor(0))
+    with pytest.raises(ValueError, match="groups is on meta but scores is on cpu"):
+        ops.sortnet_rank_loss(x, torch.zeros(2, 3, dtype=torch.int64, device="meta"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -462,3 +701,10 @@ def test_cuda_triton_matches_reference(n, seed):
     expected.sum().backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(scores.grad, leaf.grad)
+
+
+def test_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(sortnet, extraglobs={"torch": torch})
+    assert result.attempted >= 5 and result.failed == 0

@@ -5,7 +5,16 @@ import json
 import pytest
 from PIL import Image
 
-from prefrank.train.data import COUNT_WORDS, IMAGE_SIZE, TASKS, export_jsonl, load_jsonl, synthetic_dataset
+from prefrank.train.data import (
+    COUNT_WORDS,
+    IMAGE_SIZE,
+    TASKS,
+    export_jsonl,
+    load_jsonl,
+    synthetic_dataset,
+    validate_records,
+)
+from prefrank.train.methods import METHODS
 
 
 def _pixels(image):
@@ -124,3 +133,67 @@ def test_jsonl_data_root_is_used(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         load_jsonl(tmp_path / "d.jsonl")
     assert load_jsonl(tmp_path / "d.jsonl", data_root=images)[0].responses == ["a", "b"]
+
+
+# -- records are validated for the chosen method at load time (issue 13) ------------------------------------
+
+
+def _trainer_config(tmp_path, method, **overrides):
+    from prefrank.train.config import TrainConfig
+
+    values = dict(method=method, out=str(tmp_path / "run"), steps=1, batch_size=2, num_eval=2, progress=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("method", ["dpo", "listwise", "smpro", "misp_dpo"])
+def test_single_level_record_fails_at_load_naming_file_line_and_field(tmp_path, method):
+    """One level in `groups` used to load fine and crash the run at the step whose batch held it, naming a
+    flattened batch index (dpo: a 0-based record index) instead of file:line. Nothing is written."""
+    from prefrank.train.loop import Trainer
+
+    export_jsonl(synthetic_dataset(4, seed=3, num_negatives=2), tmp_path / "train.jsonl")
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    record = json.loads(lines[2])
+    record["groups"] = [0] * len(record["groups"])
+    lines[2] = json.dumps(record)
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl:3: 'groups' has a single preference level") as error:
+        Trainer(_trainer_config(tmp_path, method, data=str(tmp_path / "train.jsonl")))
+    assert method in str(error.value)
+    assert not (tmp_path / "run").exists()
+    # SFT accepts the same data: one level is all it needs
+    assert validate_records(load_jsonl(tmp_path / "train.jsonl"), METHODS["sft"]())
+
+
+def test_eval_answer_must_be_a_string(data_root):
+    """`"answer": 3` in --eval-data used to train every step and then crash the final evaluation."""
+    path = data_root / "heldout.jsonl"
+    _write(path, [GOOD, {**GOOD, "answer": 3}])
+    with pytest.raises(ValueError, match=r"heldout\.jsonl:2: 'answer' must be a non-empty string"):
+        load_jsonl(path)
+    records = synthetic_dataset(1, seed=0)
+    records[0].answer = 3  # in-memory eval records get the same check
+    with pytest.raises(ValueError, match="eval record 0: 'answer'"):
+        validate_records(records, split="eval")
+
+
+def test_mixed_negative_log_q_fails_at_load(tmp_path):
+    """`negative_log_q` on some records only used to fail only when a batch happened to mix them."""
+    from prefrank.train.loop import Trainer
+
+    records = synthetic_dataset(4, seed=3, num_negatives=2)
+    records[0].negative_log_q = [-1.0, -2.0]
+    export_jsonl(records, tmp_path / "train.jsonl")
+    with pytest.raises(ValueError, match=r"train\.jsonl:2: 'negative_log_q' is given in .*train\.jsonl:1 but "
+                                         r"not in .*train\.jsonl:2"):
+        Trainer(_trainer_config(tmp_path, "misp_dpo", data=str(tmp_path / "train.jsonl")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_misp_dpo_record_without_negatives_names_its_line(tmp_path):
+    records = synthetic_dataset(3, seed=3, num_negatives=2)
+    records[1].negative_images = []
+    export_jsonl(records, tmp_path / "train.jsonl")
+    with pytest.raises(ValueError, match=r"train\.jsonl:2: misp_dpo needs negative_images"):
+        validate_records(load_jsonl(tmp_path / "train.jsonl"), METHODS["misp_dpo"]())

@@ -176,3 +176,70 @@ def test_bf16_autocast_step(tmp_path):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert trainer.scorer(batch.inputs, batch.labels).dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in trainer.vlm.model.parameters())
+
+
+# -- options are checked before anything is written; the run's end never loses the weights (issue 13) ------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--log-every", "0"], r"log_every \(--log-every\) must be > 0"),
+    (["--warmup-steps", "-5"], r"warmup_steps \(--warmup-steps\) must be >= 0"),
+    (["--lr", "-1"], r"lr \(--lr\) must be > 0"),
+    (["--beta", "-1"], r"beta \(--beta\) must be > 0"),
+    (["--beta", "nan"], r"beta \(--beta\) must be > 0 and finite"),
+    (["--resume", "--overwrite"], "pass one of them"),
+])
+def test_bad_flags_fail_before_the_run_folder_is_touched(tmp_path, flags, message):
+    from prefrank.train.loop import main
+
+    with pytest.raises(ValueError, match=message):
+        main(["--method", "dpo", "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress", *flags])
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_values_are_type_checked(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"method": "dpo", "steps": "2"}))
+    with pytest.raises(ValueError, match=r"steps \(--steps\) must be an integer, got '2'"):
+        parse_args(["--config", str(tmp_path / "c.json")])
+    (tmp_path / "c.json").write_text(json.dumps({"method": "dpo", "loss_kwargs": {"labl_smoothing": 0.1}}))
+    with pytest.raises(ValueError, match="the dpo loss rejects its options .*labl_smoothing"):
+        parse_args(["--config", str(tmp_path / "c.json")])
+    config = TrainConfig(method="listwise", lr=1, beta=1).validate()  # ints are fine where a float is expected
+    assert (config.lr, config.beta) == (1.0, 1.0) and isinstance(config.lr, float)
+
+
+def test_logged_lr_is_the_rate_each_step_used(tmp_path):
+    """warmup 2 then cosine over 4 steps: the updates use 0.5, 1, 1, 0.5 × lr (the old log showed the next
+    step's rate: 1, 1, 0.5, 0)."""
+    Trainer(tiny_config(tmp_path, "sft", steps=4, warmup_steps=2, batch_size=2, num_eval=2)).train()
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "loss" in r] == pytest.approx([0.5e-2, 1e-2, 1e-2, 0.5e-2])
+
+
+def test_final_model_is_saved_before_the_final_evaluation(tmp_path, monkeypatch):
+    def failing_evaluation(self):
+        raise RuntimeError("evaluation failed")
+
+    trainer = Trainer(tiny_config(tmp_path, "sft", batch_size=2, num_eval=2))
+    monkeypatch.setattr(Trainer, "evaluate", failing_evaluation)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        trainer.train()
+    from prefrank.train.loop import init_state_dict
+
+    saved = init_state_dict(tmp_path / "sft", type(trainer.vlm.model))  # the run folder's final/ model
+    state = trainer.vlm.model.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+
+
+def test_missing_matplotlib_skips_the_plot_only(tmp_path, monkeypatch):
+    """Without matplotlib a finished run used to die at its end (ModuleNotFoundError, no final.json)."""
+    import sys
+
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` now raises ImportError
+    monkeypatch.delitem(sys.modules, "prefrank.train.plots", raising=False)
+    with pytest.warns(UserWarning, match="training.png not written.*matplotlib"):
+        summary = Trainer(tiny_config(tmp_path, "sft", batch_size=2, num_eval=2)).train()
+    final = json.loads((tmp_path / "sft" / "final.json").read_text())
+    assert final["final_metrics"] == summary["final_metrics"]
+    assert not (tmp_path / "sft" / "training.png").exists()

@@ -1,16 +1,20 @@
-"""Triton kernels of the relaxed sorting networks (GPU path of ``prefrank.ops.soft_sort`` and
-``prefrank.ops.sortnet_rank_loss``; the C++ CPU kernels in csrc/sortnet_cpu.cpp run the same algorithm).
+"""Triton kernels of the relaxed sorting networks: the CUDA kernels of the ``prefrank::sortnet_*`` custom ops
+(prefrank/sortnet.py), and their CPU kernels under ``impl="triton"`` with ``TRITON_INTERPRET=1``. The C++ CPU
+kernels (csrc/sortnet_cpu.cpp) run the same algorithm; the launchers at the bottom take the same arguments and
+return the same tensors as those (``torch.ops.prefrank_C.sortnet_*``).
 
-Schedule and relaxations: see ``prefrank/networks.py`` and ``csrc/sortnet_math.h``. Every wire w of a layer
-has a partner p (p == w: passes through); the comparator on lo = min(w, p), hi = max(w, p) computes
-α = f(x_hi − x_lo) and each of its wires updates as ``x_w ← own·x_w + other·x_p`` with
-(own, other) = (α, 1−α), swapped for a "flipped" comparator (minimum sent to hi). P's columns mix the same
-way. The partners are computed on the fly (integer ops), so lists of different lengths m ≤ n share one
-launch (rank losses).
+Schedule and relaxations: see ``prefrank/networks.py`` (the Python source of both) and
+``csrc/sortnet_math.h``. Every wire w of a layer has a partner p (p == w: passes through); the comparator on
+lo = min(w, p), hi = max(w, p) computes α = f(x_hi − x_lo) and each of its wires updates as
+``x_w ← own·x_w + other·x_p`` with (own, other) = (α, 1−α), swapped for a "flipped" comparator (minimum sent
+to hi). P's columns mix the same way. The partners are computed on the fly (integer ops), so lists of
+different lengths m ≤ n share one launch (rank losses). Option codes come from ``prefrank._options``; the
+relaxation and the loss target are ``tl.constexpr`` (one compiled specialisation each), the network is a
+run-time int (two integer formulas per layer).
 
 Kernels and their cost per list of n items, L layers:
-  ``_values_forward_kernel``  one program per list, x in registers, O(L·n): writes the values, α per wire
-                              and the value trajectory xs (the inputs of every layer).
+  ``_values_forward_kernel``  one program per list, x in registers, O(L·n): writes the values and α per
+                              wire (both wires of a comparator hold its α; 0 for a pass-through).
   ``_rows_forward_kernel``    grid (lists, n / BLOCK_R): BLOCK_R rows of P in registers, started at the
                               identity; per layer one gather of the partner column and a 2-term mix per
                               entry: O(L·n) per row, O(L·n²) per list, never a dense n×n matmul. Writes P, or
@@ -21,12 +25,13 @@ Kernels and their cost per list of n items, L layers:
                               checkpoint (< CK layers). With Q, Ḡ the rows before/after layer l it adds
                               ∂L/∂α_c = ±Σ_rows (Ḡ[w] − Ḡ[p])·(Q[w] − Q[p]) to dalpha and pulls Ḡ back,
                               Ḡ[w] ← own·Ḡ[w] + other·Ḡ[p] (the 2×2 mix is symmetric).
-  ``_values_backward_kernel`` one program per list: with g = ∂L/∂values, for l = L−1..0:
-                              ∂L/∂α = ±(g_w − g_p)(x_w − x_p) + dalpha, ∂L/∂d = ∂L/∂α·f'(d), d = x_hi − x_lo,
-                              g_w ← own·g_w + other·g_p ∓ ∂L/∂d (− on lo, + on hi).
+  ``_values_backward_kernel`` one program per list: replays the values forward from x with the saved α,
+                              storing each layer's input in a scratch xs, then with g = ∂L/∂values, for
+                              l = L−1..0: ∂L/∂α = ±(g_w − g_p)(x_w − x_p) + dalpha, ∂L/∂d = ∂L/∂α·f'(d),
+                              d = x_hi − x_lo, g_w ← own·g_w + other·g_p ∓ ∂L/∂d (− on lo, + on hi).
 
-Memory: saved for backward are α and xs, (lists, L, n) each: 2·L·n values per list (8·L·n bytes in fp32),
-never L copies of P. The backward's only other buffers are dalpha (lists, L, n) and the checkpoints,
+Memory: saved for backward are x and α, (lists, L, n): L·n values per list (4·L·n bytes in fp32), never L
+copies of P. The backward's other buffers are dalpha and xs (lists, L, n) each and the checkpoints,
 (⌈L/CK⌉ − 1)·n² values per list (≈ √L copies of P, freed when the backward returns); the price is at most
 CK − 1 recomputed layers per layer. Limit: n ≤ MAX_N = 512 (one list's wires in one register tile).
 """
@@ -37,7 +42,24 @@ import torch
 import triton
 import triton.language as tl
 
+from prefrank import _checks, networks
+from prefrank._options import Network, Relaxation, Target
+
 MAX_N = 512
+
+# option codes as compile-time constants (prefrank/_options.py is their one source)
+_ODD_EVEN = tl.constexpr(int(Network.odd_even))
+_LOGISTIC = tl.constexpr(int(Relaxation.logistic))
+_LOGISTIC_PHI = tl.constexpr(int(Relaxation.logistic_phi))
+_GAUSSIAN = tl.constexpr(int(Relaxation.gaussian))
+_RECIPROCAL = tl.constexpr(int(Relaxation.reciprocal))
+_CAUCHY = tl.constexpr(int(Relaxation.cauchy))
+_OPTIMAL = tl.constexpr(int(Relaxation.optimal))
+_BLOCK = tl.constexpr(int(Target.block))
+_PERMUTATION = tl.constexpr(int(Target.permutation))
+# TARGET of the row kernels when they write / take ∂L/∂ P itself (soft_sort) instead of a loss
+WRITE_P = -1
+_WRITE_P = tl.constexpr(WRITE_P)
 
 
 @triton.jit
@@ -64,42 +86,51 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _alpha(d, relaxation, s, lam):
-    """α = f(d), d = x_hi − x_lo, for relaxation code 0..5 (same formulas as sortnet_math.h / diffsort)."""
+def _alpha(d, s, lam, RELAXATION: tl.constexpr):
+    """α = f(d), d = x_hi − x_lo, of the compile-time RELAXATION (same formulas as sortnet_math.h / diffsort)."""
     z = d * s
-    logistic = _sigmoid(z)
-    phi = _sigmoid(d * s / tl.exp(lam * tl.log(tl.abs(d) + 1e-10)))
-    gaussian = 0.5 + 0.5 * tl.erf(d / (1.0 / s) / 1.4142135623730951)
-    reciprocal = 0.5 * (z / (2.0 + tl.abs(z)) + 1.0)
-    # atan in fp64, rounded once: what torch's fp32 atan (diffsort) returns nearly always; O(n) per layer
-    cauchy = 1.0 / 3.141592653589793 * _atan(z.to(tl.float64)).to(z.dtype) + 0.5
-    outside = tl.where(z > 0.25, 1.0, 0.0) - tl.where(z < -0.25, 1.0, 0.0)
-    optimal = tl.minimum(tl.maximum(z, -0.25), 0.25) + 0.5 + outside * (0.25 - 0.0625 / (tl.abs(z) + 1e-10))
-    return tl.where(relaxation == 0, logistic, tl.where(relaxation == 1, phi, tl.where(
-        relaxation == 2, gaussian, tl.where(relaxation == 3, reciprocal, tl.where(relaxation == 4, cauchy,
-                                                                                   optimal)))))
+    if RELAXATION == _LOGISTIC:
+        a = _sigmoid(z)
+    elif RELAXATION == _LOGISTIC_PHI:
+        a = _sigmoid(d * s / tl.exp(lam * tl.log(tl.abs(d) + 1e-10)))
+    elif RELAXATION == _GAUSSIAN:
+        a = 0.5 + 0.5 * tl.erf(d / (1.0 / s) / 1.4142135623730951)
+    elif RELAXATION == _RECIPROCAL:
+        a = 0.5 * (z / (2.0 + tl.abs(z)) + 1.0)
+    elif RELAXATION == _CAUCHY:
+        # atan in fp64, rounded once: what torch's fp32 atan (diffsort) returns nearly always; O(n) per layer
+        a = 1.0 / 3.141592653589793 * _atan(z.to(tl.float64)).to(z.dtype) + 0.5
+    else:
+        tl.static_assert(RELAXATION == _OPTIMAL)
+        outside = tl.where(z > 0.25, 1.0, 0.0) - tl.where(z < -0.25, 1.0, 0.0)
+        a = tl.minimum(tl.maximum(z, -0.25), 0.25) + 0.5 + outside * (0.25 - 0.0625 / (tl.abs(z) + 1e-10))
+    return a
 
 
 @triton.jit
-def _slope(d, relaxation, s, lam):
+def _slope(d, s, lam, RELAXATION: tl.constexpr):
     """dα/dd of :func:`_alpha` (see the table in sortnet_math.h)."""
     z = d * s
-    az = tl.abs(z)
-    a = _sigmoid(z)
-    logistic = s * a * (1.0 - a)
-    r = tl.abs(d) + 1e-10
-    scale = s / tl.exp(lam * tl.log(r))
-    ap = _sigmoid(d * scale)
-    phi = ap * (1.0 - ap) * scale * (1.0 - lam * tl.abs(d) / r)
-    gaussian = s / 2.5066282746310002 * tl.exp(-0.5 * z * z)
-    t = 2.0 + az
-    reciprocal = s / (t * t)
-    cauchy = s / (3.141592653589793 * (1.0 + z * z))
-    u = az + 1e-10
-    optimal = tl.where(az <= 0.25, s, s / (16.0 * u * u))
-    return tl.where(relaxation == 0, logistic, tl.where(relaxation == 1, phi, tl.where(
-        relaxation == 2, gaussian, tl.where(relaxation == 3, reciprocal, tl.where(relaxation == 4, cauchy,
-                                                                                   optimal)))))
+    if RELAXATION == _LOGISTIC:
+        a = _sigmoid(z)
+        slope = s * a * (1.0 - a)
+    elif RELAXATION == _LOGISTIC_PHI:
+        r = tl.abs(d) + 1e-10
+        scale = s / tl.exp(lam * tl.log(r))
+        a = _sigmoid(d * scale)
+        slope = a * (1.0 - a) * scale * (1.0 - lam * tl.abs(d) / r)
+    elif RELAXATION == _GAUSSIAN:
+        slope = s / 2.5066282746310002 * tl.exp(-0.5 * z * z)
+    elif RELAXATION == _RECIPROCAL:
+        t = 2.0 + tl.abs(z)
+        slope = s / (t * t)
+    elif RELAXATION == _CAUCHY:
+        slope = s / (3.141592653589793 * (1.0 + z * z))
+    else:
+        tl.static_assert(RELAXATION == _OPTIMAL)
+        u = tl.abs(z) + 1e-10
+        slope = tl.where(tl.abs(z) <= 0.25, s, s / (16.0 * u * u))
+    return slope
 
 
 @triton.jit
@@ -108,7 +139,7 @@ def _layers(network, m):
     k = m * 0
     for i in tl.static_range(11):
         k += tl.where((1 << i) < m, 1, 0)
-    return tl.where(network == 0, m, k * (k + 1) // 2), k
+    return tl.where(network == _ODD_EVEN, m, k * (k + 1) // 2), k
 
 
 @triton.jit
@@ -127,9 +158,9 @@ def _partner(network, m, k, layer, w):
     q = w + offset
     pq = q ^ (1 << distance)
     p_bitonic = tl.where(pq < offset, w, pq - offset)
-    odd_even = network == 0
+    odd_even = network == _ODD_EVEN
     p = tl.where(w < m, tl.where(odd_even, p_odd_even, p_bitonic), w)
-    flipped = (network != 0) & (((q >> (block + 1)) & 1) != 0) & (p != w)
+    flipped = (network != _ODD_EVEN) & (((q >> (block + 1)) & 1) != 0) & (p != w)
     return p, flipped
 
 
@@ -152,9 +183,9 @@ def _list_size(sizes_ptr, b, n, HAS_SIZES: tl.constexpr):
 
 
 @triton.jit
-def _values_forward_kernel(x_ptr, sizes_ptr, values_ptr, alpha_ptr, xs_ptr, n, max_layers, network,
-                           relaxation, s, lam, HAS_SIZES: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One list per program: soft-sorted values, α per wire and the layer inputs xs (zeros past the list)."""
+def _values_forward_kernel(x_ptr, sizes_ptr, values_ptr, alpha_ptr, n, max_layers, network, s, lam,
+                           RELAXATION: tl.constexpr, HAS_SIZES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One list per program: soft-sorted values and α per wire (zeros past the list's own layers)."""
     b = tl.program_id(0).to(tl.int64)
     w = tl.arange(0, BLOCK_N)
     m = _list_size(sizes_ptr, b, n, HAS_SIZES)
@@ -163,11 +194,9 @@ def _values_forward_kernel(x_ptr, sizes_ptr, values_ptr, alpha_ptr, xs_ptr, n, m
     for layer in range(0, num_layers):
         p, flipped = _partner(network, m, k, layer, w)
         xp = tl.gather(x, p, 0)
-        alpha = _alpha(tl.where(p > w, xp - x, x - xp), relaxation, s, lam)
+        alpha = _alpha(tl.where(p > w, xp - x, x - xp), s, lam, RELAXATION)
         own, other = _mix_weights(alpha, p, w, flipped)
-        row = (b * max_layers + layer) * n
-        tl.store(xs_ptr + row + w, x, mask=w < n)
-        tl.store(alpha_ptr + row + w, tl.where(p == w, 0.0, alpha), mask=w < n)
+        tl.store(alpha_ptr + (b * max_layers + layer) * n + w, tl.where(p == w, 0.0, alpha), mask=w < n)
         x = own * x + other * xp
     tl.store(values_ptr + b * n + w, x, mask=w < n)
 
@@ -184,8 +213,8 @@ def _rows_layer(Q, alpha_ptr, b, layer, n, max_layers, network, m, k, w, BLOCK_R
 
 
 @triton.jit
-def _loss_rows(Q, rows, w, m, lo_ptr, hi_ptr, b, n, MODE: tl.constexpr):
-    """Per-row loss terms of the final rows Q and, scaled later, their ∂/∂Q (MODE 1: block, 2: permutation).
+def _loss_rows(Q, rows, w, m, lo_ptr, hi_ptr, b, n, TARGET: tl.constexpr):
+    """Per-row loss terms of the final rows Q and, scaled later, their ∂/∂Q.
 
     block: −log(mass)/m with mass = Σ_{w∈[lo,hi)} Q[w] (clamped at the smallest normal);
     permutation: Σ_w −max(log(q ? p : 1−p), −100)/m², p = clamp(Q, 0, 1) (torch's binary_cross_entropy).
@@ -193,7 +222,7 @@ def _loss_rows(Q, rows, w, m, lo_ptr, hi_ptr, b, n, MODE: tl.constexpr):
     row_ok = rows < m
     lo = tl.load(lo_ptr + b * n + rows, mask=row_ok, other=0)
     mf = m.to(Q.dtype)
-    if MODE == 1:
+    if TARGET == _BLOCK:
         hi = tl.load(hi_ptr + b * n + rows, mask=row_ok, other=0)
         inside = (w[None, :] >= lo[:, None]) & (w[None, :] < hi[:, None])
         mass = tl.sum(tl.where(inside, Q, 0.0), axis=1)
@@ -201,9 +230,10 @@ def _loss_rows(Q, rows, w, m, lo_ptr, hi_ptr, b, n, MODE: tl.constexpr):
         term = -tl.log(tl.maximum(mass, tiny)) / mf
         dQ = tl.where(inside & (mass[:, None] >= tiny), -1.0 / (mf * mass[:, None]), 0.0)
     else:
+        tl.static_assert(TARGET == _PERMUTATION)
         one = w[None, :] == lo[:, None]
         p = tl.minimum(tl.maximum(Q, 0.0), 1.0)
-        lg = tl.maximum(tl.where(one, tl.log(p), tl.log(1.0 - p)), -100.0)
+        lg = tl.maximum(tl.log(tl.where(one, p, 1.0 - p)), -100.0)  # one log per entry: no spill at n = 512
         valid = (w[None, :] < m) & row_ok[:, None]
         term = -tl.sum(tl.where(valid, lg, 0.0), axis=1) / (mf * mf)
         dQ = (p - tl.where(one, 1.0, 0.0)) / tl.maximum(p * (1.0 - p), 1e-12) / (mf * mf)
@@ -213,9 +243,9 @@ def _loss_rows(Q, rows, w, m, lo_ptr, hi_ptr, b, n, MODE: tl.constexpr):
 
 @triton.jit
 def _rows_forward_kernel(alpha_ptr, sizes_ptr, perm_ptr, lo_ptr, hi_ptr, row_loss_ptr, n, max_layers, network,
-                         HAS_SIZES: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr,
+                         HAS_SIZES: tl.constexpr, TARGET: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_N: tl.constexpr):
-    """Rows [BLOCK_R·j, BLOCK_R·(j+1)) of P for list b: MODE 0 writes them, MODE 1/2 write loss terms only."""
+    """Rows [BLOCK_R·j, BLOCK_R·(j+1)) of P for list b: TARGET WRITE_P writes them, a loss target its terms."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     w = tl.arange(0, BLOCK_N)
@@ -224,18 +254,18 @@ def _rows_forward_kernel(alpha_ptr, sizes_ptr, perm_ptr, lo_ptr, hi_ptr, row_los
     Q = tl.where(rows[:, None] == w[None, :], 1.0, 0.0).to(alpha_ptr.dtype.element_ty)
     for layer in range(0, num_layers):
         Q = _rows_layer(Q, alpha_ptr, b, layer, n, max_layers, network, m, k, w, BLOCK_R, BLOCK_N)
-    if MODE == 0:
+    if TARGET == _WRITE_P:
         offsets = (b * n + rows[:, None]) * n + w[None, :]
         tl.store(perm_ptr + offsets, Q, mask=(rows[:, None] < n) & (w[None, :] < n))
     else:
-        term, _ = _loss_rows(Q, rows, w, m, lo_ptr, hi_ptr, b, n, MODE)
+        term, _ = _loss_rows(Q, rows, w, m, lo_ptr, hi_ptr, b, n, TARGET)
         tl.store(row_loss_ptr + b * n + rows, term, mask=rows < n)
 
 
 @triton.jit
 def _rows_backward_kernel(alpha_ptr, sizes_ptr, grad_perm_ptr, grad_loss_ptr, lo_ptr, hi_ptr, ckpt_ptr,
                           dalpha_ptr, n, max_layers, num_ckpt, ckpt_every, network, HAS_SIZES: tl.constexpr,
-                          MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                          TARGET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """∂L/∂α of one row block (added to dalpha at both wires of each comparator), see the module docstring."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -250,10 +280,10 @@ def _rows_backward_kernel(alpha_ptr, sizes_ptr, grad_perm_ptr, grad_loss_ptr, lo
         if (layer % ckpt_every == 0) & (layer > 0):
             tl.store(ckpt_ptr + ckpt_rows + (layer // ckpt_every - 1) * n * n, Q, mask=tile)
         Q = _rows_layer(Q, alpha_ptr, b, layer, n, max_layers, network, m, k, w, BLOCK_R, BLOCK_N)
-    if MODE == 0:
+    if TARGET == _WRITE_P:
         G = tl.load(grad_perm_ptr + (b * n + rows[:, None]) * n + w[None, :], mask=tile, other=0.0)
     else:
-        _, dQ = _loss_rows(Q, rows, w, m, lo_ptr, hi_ptr, b, n, MODE)
+        _, dQ = _loss_rows(Q, rows, w, m, lo_ptr, hi_ptr, b, n, TARGET)
         G = dQ * tl.load(grad_loss_ptr + b)
     for t in range(0, num_layers):
         layer = num_layers - 1 - t
@@ -276,18 +306,26 @@ def _rows_backward_kernel(alpha_ptr, sizes_ptr, grad_perm_ptr, grad_loss_ptr, lo
 
 
 @triton.jit
-def _values_backward_kernel(grad_values_ptr, xs_ptr, alpha_ptr, dalpha_ptr, sizes_ptr, grad_x_ptr, n,
-                            max_layers, network, relaxation, s, lam, HAS_GRAD_VALUES: tl.constexpr,
+def _values_backward_kernel(grad_values_ptr, x_ptr, alpha_ptr, dalpha_ptr, sizes_ptr, xs_ptr, grad_x_ptr, n,
+                            max_layers, network, s, lam, RELAXATION: tl.constexpr, HAS_GRAD_VALUES: tl.constexpr,
                             HAS_DALPHA: tl.constexpr, HAS_SIZES: tl.constexpr, BLOCK_N: tl.constexpr):
     """∂L/∂x of one list from ∂L/∂values and the P part's dalpha, see the module docstring."""
     b = tl.program_id(0).to(tl.int64)
     w = tl.arange(0, BLOCK_N)
     m = _list_size(sizes_ptr, b, n, HAS_SIZES)
     num_layers, k = _layers(network, m)
+    x = tl.load(x_ptr + b * n + w, mask=w < m, other=0.0)
+    for layer in range(0, num_layers):  # the layers' inputs, mixed with the saved α (exactly the forward's)
+        row = (b * max_layers + layer) * n
+        p, flipped = _partner(network, m, k, layer, w)
+        own, other = _mix_weights(tl.load(alpha_ptr + row + w, mask=w < n, other=0.0), p, w, flipped)
+        tl.store(xs_ptr + row + w, x, mask=w < n)
+        x = own * x + other * tl.gather(x, p, 0)
+    tl.debug_barrier()  # xs is read back below by whichever threads hold the partner wires
     if HAS_GRAD_VALUES:
-        g = tl.load(grad_values_ptr + b * n + w, mask=w < m, other=0.0).to(xs_ptr.dtype.element_ty)
+        g = tl.load(grad_values_ptr + b * n + w, mask=w < m, other=0.0).to(alpha_ptr.dtype.element_ty)
     else:
-        g = tl.zeros((BLOCK_N,), dtype=xs_ptr.dtype.element_ty)
+        g = tl.zeros((BLOCK_N,), dtype=alpha_ptr.dtype.element_ty)
     for t in range(0, num_layers):
         layer = num_layers - 1 - t
         row = (b * max_layers + layer) * n
@@ -300,7 +338,7 @@ def _values_backward_kernel(grad_values_ptr, xs_ptr, alpha_ptr, dalpha_ptr, size
         d_alpha = tl.where(flipped, -d_alpha, d_alpha)
         if HAS_DALPHA:
             d_alpha += tl.load(dalpha_ptr + row + w, mask=w < n, other=0.0)
-        d_d = d_alpha * _slope(tl.where(p > w, xp - x, x - xp), relaxation, s, lam)
+        d_d = d_alpha * _slope(tl.where(p > w, xp - x, x - xp), s, lam, RELAXATION)
         own, other = _mix_weights(alpha, p, w, flipped)
         g = tl.where(p == w, g, own * g + other * gp + tl.where(p > w, -d_d, d_d))
     tl.store(grad_x_ptr + b * n + w, g, mask=w < n)
@@ -322,117 +360,98 @@ def launch_config(n):
     return block_n, rows(forward_tile), rows(backward_tile), 4 if block_n <= 256 else 8
 
 
-def _num_layers(network, n):
-    if network == 0:
-        return n
-    k = (n - 1).bit_length()
-    return k * (k + 1) // 2
-
-
 def _forward_values(x, sizes, network, relaxation, s, lam):
     B, n = x.shape
-    L = _num_layers(network, n)
     block_n, _, _, num_warps = launch_config(n)
-    values = torch.empty_like(x)
-    alpha = torch.zeros((B, L, n), dtype=x.dtype, device=x.device)
-    xs = torch.zeros((B, L, n), dtype=x.dtype, device=x.device)
-    _values_forward_kernel[(B,)](x, sizes if sizes is not None else x, values, alpha, xs, n, L, network,
-                                 relaxation, s, lam, HAS_SIZES=sizes is not None, BLOCK_N=block_n,
-                                 num_warps=num_warps)
-    return values, alpha, xs
+    values = _checks.new_output((B, n), dtype=x.dtype, device=x.device)
+    # zeros: the layers past a shorter list's own network are never written
+    alpha = torch.zeros((B, networks.num_layers(Network(network).name, n), n), dtype=x.dtype, device=x.device)
+    if B > 0:
+        _values_forward_kernel[(B,)](x, sizes if sizes is not None else x, values, alpha, n, alpha.shape[1],
+                                     network, s, lam, RELAXATION=relaxation, HAS_SIZES=sizes is not None,
+                                     BLOCK_N=block_n, num_warps=num_warps)
+    return values, alpha
 
 
-def _forward_rows(alpha, sizes, lo, hi, n, network, mode):
+def _forward_rows(alpha, sizes, lo, hi, n, network, target):
     B = alpha.shape[0]
     block_n, block_r, _, num_warps = launch_config(n)
-    perm = torch.empty((B, n, n) if mode == 0 else (0,), dtype=alpha.dtype, device=alpha.device)
-    row_loss = torch.zeros((B, n) if mode != 0 else (0,), dtype=alpha.dtype, device=alpha.device)
-    _rows_forward_kernel[(B, triton.cdiv(n, block_r))](
-        alpha, sizes if sizes is not None else alpha, perm, lo if lo is not None else alpha,
-        hi if hi is not None else alpha, row_loss, n, alpha.shape[1], network, HAS_SIZES=sizes is not None,
-        MODE=mode, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps)
-    return perm if mode == 0 else row_loss
+    perm = _checks.new_output((B, n, n) if target == WRITE_P else (0,), dtype=alpha.dtype, device=alpha.device)
+    row_loss = torch.zeros((B, n) if target != WRITE_P else (0,), dtype=alpha.dtype, device=alpha.device)
+    if B > 0:
+        dummy = alpha
+        _rows_forward_kernel[(B, triton.cdiv(n, block_r))](
+            alpha, sizes if sizes is not None else dummy, perm, lo if lo is not None else dummy,
+            hi if hi is not None else dummy, row_loss, n, alpha.shape[1], network, HAS_SIZES=sizes is not None,
+            TARGET=target, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps)
+    return perm if target == WRITE_P else row_loss
 
 
-def _backward_rows(alpha, sizes, grad_perm, grad_loss, lo, hi, n, network, mode):
+def _backward_rows(alpha, sizes, grad_perm, grad_loss, lo, hi, n, network, target):
     B, L = alpha.shape[0], alpha.shape[1]
     block_n, _, block_r, num_warps = launch_config(n)
     ckpt_every = max(1, math.isqrt(max(L - 1, 0)) + 1)  # ⌈√L⌉ for L ≥ 1
     num_ckpt = max(0, -(-L // ckpt_every) - 1)
     ckpt = torch.empty((B, num_ckpt, n, n) if num_ckpt else (1,), dtype=alpha.dtype, device=alpha.device)
-    dalpha = torch.zeros_like(alpha)
-    dummy = alpha
-    _rows_backward_kernel[(B, triton.cdiv(n, block_r))](
-        alpha, sizes if sizes is not None else dummy, grad_perm if grad_perm is not None else dummy,
-        grad_loss if grad_loss is not None else dummy, lo if lo is not None else dummy,
-        hi if hi is not None else dummy, ckpt, dalpha, n, L, num_ckpt, ckpt_every, network,
-        HAS_SIZES=sizes is not None, MODE=mode, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps)
+    dalpha = torch.zeros_like(alpha)  # accumulated by atomics
+    if B > 0:
+        dummy = alpha
+        _rows_backward_kernel[(B, triton.cdiv(n, block_r))](
+            alpha, sizes if sizes is not None else dummy, grad_perm if grad_perm is not None else dummy,
+            grad_loss if grad_loss is not None else dummy, lo if lo is not None else dummy,
+            hi if hi is not None else dummy, ckpt, dalpha, n, L, num_ckpt, ckpt_every, network,
+            HAS_SIZES=sizes is not None, TARGET=target, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps)
     return dalpha
 
 
-def _backward_values(grad_values, xs, alpha, dalpha, sizes, network, relaxation, s, lam):
-    B, L, n = xs.shape
+def _backward_values(grad_values, x, alpha, dalpha, sizes, network, relaxation, s, lam):
+    B, L, n = alpha.shape
     block_n, _, _, num_warps = launch_config(n)
-    grad_x = torch.empty((B, n), dtype=xs.dtype, device=xs.device)
-    _values_backward_kernel[(B,)](
-        grad_values if grad_values is not None else xs, xs, alpha, dalpha if dalpha is not None else xs,
-        sizes if sizes is not None else xs, grad_x, n, L, network, relaxation, s, lam,
-        HAS_GRAD_VALUES=grad_values is not None, HAS_DALPHA=dalpha is not None, HAS_SIZES=sizes is not None,
-        BLOCK_N=block_n, num_warps=num_warps)
+    grad_x = _checks.new_output((B, n), dtype=x.dtype, device=x.device)
+    xs = torch.empty_like(alpha)  # scratch: every layer's input, replayed from x and α
+    if B > 0:
+        _values_backward_kernel[(B,)](
+            grad_values if grad_values is not None else x, x, alpha, dalpha if dalpha is not None else alpha,
+            sizes if sizes is not None else x, xs, grad_x, n, L, network, s, lam, RELAXATION=relaxation,
+            HAS_GRAD_VALUES=grad_values is not None, HAS_DALPHA=dalpha is not None, HAS_SIZES=sizes is not None,
+            BLOCK_N=block_n, num_warps=num_warps)
     return grad_x
 
 
-class _SoftSort(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, network, relaxation, s, lam, with_perm):
-        x = x.contiguous()
-        values, alpha, xs = _forward_values(x, None, network, relaxation, s, lam)
-        perm = _forward_rows(alpha, None, None, None, x.shape[1], network, 0) if with_perm else x.new_empty(0)
-        ctx.save_for_backward(alpha, xs)
-        ctx.options = (network, relaxation, s, lam)
-        return values, perm
+# The four launchers below take and return what torch.ops.prefrank_C.sortnet_* do (csrc/sortnet_cpu.cpp):
+# prefrank/sortnet.py's custom ops call either. Inputs are (lists, n) fp32/fp64 scores, n ≤ MAX_N.
 
-    @staticmethod
-    def backward(ctx, grad_values, grad_perm):
-        alpha, xs = ctx.saved_tensors
-        network, relaxation, s, lam = ctx.options
-        n = xs.shape[2]
-        dalpha = None
-        if grad_perm is not None and grad_perm.numel() > 0:
-            dalpha = _backward_rows(alpha, None, grad_perm.to(alpha.dtype).contiguous(), None, None, None, n,
-                                    network, 0)
-        if grad_values is not None:
-            grad_values = grad_values.to(alpha.dtype).contiguous()
-        grad_x = _backward_values(grad_values, xs, alpha, dalpha, None, network, relaxation, s, lam)
-        return grad_x, None, None, None, None, None
+def sortnet_forward(x, network, relaxation, steepness, art_lambda, with_perm):
+    """(values, P or an empty tensor, α) of the ascending relaxed sort of each row of x."""
+    x = x.contiguous()
+    values, alpha = _forward_values(x, None, network, relaxation, steepness, art_lambda)
+    perm = _forward_rows(alpha, None, None, None, x.shape[1], network, WRITE_P) if with_perm else x.new_empty(0)
+    return values, perm, alpha
 
 
-class _RankLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, sizes, lo, hi, target, network, relaxation, s, lam):
-        y = y.contiguous()
-        mode = 1 + target
-        _, alpha, xs = _forward_values(y, sizes, network, relaxation, s, lam)
-        row_loss = _forward_rows(alpha, sizes, lo, hi, y.shape[1], network, mode)
-        ctx.save_for_backward(sizes, lo, hi, alpha, xs)
-        ctx.options = (mode, network, relaxation, s, lam)
-        return row_loss.sum(-1)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        sizes, lo, hi, alpha, xs = ctx.saved_tensors
-        mode, network, relaxation, s, lam = ctx.options
-        grad_loss = grad_loss.to(alpha.dtype).contiguous()
-        dalpha = _backward_rows(alpha, sizes, None, grad_loss, lo, hi, xs.shape[2], network, mode)
-        grad_y = _backward_values(None, xs, alpha, dalpha, sizes, network, relaxation, s, lam)
-        return grad_y, None, None, None, None, None, None, None, None
+def sortnet_backward(grad_values, grad_perm, x, alpha, network, relaxation, steepness, art_lambda):
+    """∂L/∂x from ∂L/∂values and ∂L/∂P (None or empty: P was not used)."""
+    x, alpha = x.contiguous(), alpha.contiguous()
+    dalpha = None
+    if grad_perm is not None and grad_perm.numel() > 0:
+        grad_perm = grad_perm.to(alpha.dtype).expand(x.shape + x.shape[-1:]).contiguous()
+        dalpha = _backward_rows(alpha, None, grad_perm, None, None, None, x.shape[1], network, WRITE_P)
+    grad_values = grad_values.to(alpha.dtype).expand(x.shape).contiguous()
+    return _backward_values(grad_values, x, alpha, dalpha, None, network, relaxation, steepness, art_lambda)
 
 
-def soft_sort(x, network, relaxation, steepness, art_lambda, with_perm):
-    """(values, P or an empty tensor) of the (lists, n) scores x (fp32/fp64, ascending), differentiable."""
-    return _SoftSort.apply(x, network, relaxation, steepness, art_lambda, with_perm)
+def sortnet_loss_forward(y, sizes, lo, hi, target, network, relaxation, steepness, art_lambda):
+    """(per-list loss, α) of the compacted lists y (the first sizes[b] entries of row b are its items)."""
+    y, sizes, lo, hi = y.contiguous(), sizes.contiguous(), lo.contiguous(), hi.contiguous()
+    _, alpha = _forward_values(y, sizes, network, relaxation, steepness, art_lambda)
+    row_loss = _forward_rows(alpha, sizes, lo, hi, y.shape[1], network, target)
+    return row_loss.sum(-1), alpha
 
 
-def rank_loss(y, sizes, lo, hi, target, network, relaxation, steepness, art_lambda):
-    """Per-list rank loss (target 0 = block, 1 = permutation) of the compacted lists y; differentiable."""
-    return _RankLoss.apply(y, sizes, lo, hi, target, network, relaxation, steepness, art_lambda)
+def sortnet_loss_backward(grad_loss, y, sizes, lo, hi, alpha, target, network, relaxation, steepness,
+                          art_lambda):
+    """∂(Σ_b grad_loss[b]·loss[b])/∂y."""
+    y, sizes, lo, hi, alpha = y.contiguous(), sizes.contiguous(), lo.contiguous(), hi.contiguous(), alpha.contiguous()
+    grad_loss = grad_loss.to(alpha.dtype).expand(y.shape[:1]).contiguous()
+    dalpha = _backward_rows(alpha, sizes, None, grad_loss, lo, hi, y.shape[1], network, target)
+    return _backward_values(None, y, alpha, dalpha, sizes, network, relaxation, steepness, art_lambda)

@@ -1,8 +1,15 @@
-"""Atomic checkpoints: `<out>/checkpoints/step_XXXXXXXX/` holds model.safetensors, trainer_state.pt
-(optimizer, scheduler, step) and rng_rank<r>.pt; it is written under a temporary name and renamed, and
-`<out>/checkpoints/latest` (itself replaced atomically) names the newest complete one. Everything loads with
-`torch.load(weights_only=True)` / safetensors, never arbitrary unpickling."""
+"""The run folder: atomic checkpoints and files, and the rules for reusing a folder.
 
+`<out>/checkpoints/step_XXXXXXXX/` holds model.safetensors, trainer_state.pt (optimizer, scheduler, step) and
+rng_rank<r>.pt; it is written under a temporary name and renamed, and `<out>/checkpoints/latest` (itself
+replaced atomically) names the newest complete one. Everything loads with `torch.load(weights_only=True)` /
+safetensors, never arbitrary unpickling. config.json and final.json are replaced atomically; metrics.jsonl
+grows by whole-line appends and is rewritten (on resume) atomically.
+
+A non-empty `--out` is refused unless the run resumes it (`--resume`, same method, model and data) or
+replaces it (`--overwrite` deletes the trainer's outputs listed in RUN_OUTPUTS first, nothing else)."""
+
+import json
 import os
 import random
 import shutil
@@ -29,10 +36,79 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_text_atomically(path, text):
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "final.json", "training.png", "final", "checkpoints", "selfpref")
+# config fields a checkpoint's weights, optimizer state and data order depend on: --resume needs them equal
+RUN_IDENTITY = ("method", "model", "init", "model_seed", "tiny_model", "data", "data_root", "num_train",
+                "data_seed", "num_negatives", "seed", "batch_size", "grad_accum", "reference", "self_generate")
+
+
+def write_text_atomically(path, text):
+    """Write to a temporary file in the same folder, flush it to disk, then rename it over `path`: a crash
+    leaves the old file or the new one, never a truncated one."""
+    path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def append_line(path, line):
+    """Append one line with a single write on an O_APPEND file (a crash can at worst cut that last line,
+    which read_jsonl_rows drops)."""
+    with open(path, "a") as handle:
+        handle.write(line + "\n")
+
+
+def read_jsonl_rows(path):
+    """The rows of a metrics.jsonl; a last line cut by a crash mid-append is dropped (it is logged again)."""
+    lines = Path(path).read_text().splitlines(keepends=True)
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON line") from None
+    return rows
+
+
+def check_run_folder(config):
+    """Refuse a non-empty `out` unless the config resumes or overwrites it; on --resume, refuse a folder that
+    holds another run (method, model, data …). Reads only: called before anything is written."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a run folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not (config.resume or config.overwrite):
+        raise ValueError(f"--out {str(out)!r} is not empty ({', '.join(entries[:6])}"
+                         f"{', …' if len(entries) > 6 else ''}): pass --resume to continue the run in it, "
+                         f"--overwrite to replace its outputs, or choose another --out")
+    saved_path = out / "config.json"
+    if config.resume and saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        current = json.loads(json.dumps(vars(config)))  # the JSON form config.json holds
+        changed = [f"{key}: {saved.get(key)!r} in the folder, {current[key]!r} now" for key in RUN_IDENTITY
+                   if key in saved and saved[key] != current[key]]
+        if changed:
+            raise ValueError(f"--resume: {str(out)!r} holds another run ({'; '.join(changed)}); resume it with "
+                             f"its own options, or use --overwrite or another --out")
+
+
+def clear_run_folder(out):
+    """--overwrite: delete the trainer's outputs in `out` (RUN_OUTPUTS), leaving anything else alone."""
+    for name in RUN_OUTPUTS:
+        path = Path(out) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def save_checkpoint(out, step, model_state, trainer_state, dist_state):
@@ -53,7 +129,7 @@ def save_checkpoint(out, step, model_state, trainer_state, dist_state):
         if final.exists():
             shutil.rmtree(final)
         os.rename(temporary, final)
-        _write_text_atomically(root / "latest", final.name)
+        write_text_atomically(root / "latest", final.name)
     barrier(dist_state)
     return final
 

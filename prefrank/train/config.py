@@ -1,10 +1,24 @@
-"""Trainer configuration: a dataclass, filled from a YAML/JSON file and then from command-line flags."""
+"""Trainer configuration: a dataclass, filled from a YAML/JSON file and then from command-line flags.
+
+`TrainConfig.validate` checks every option (type, range, choices, and the loss options by a dry run of the
+method's loss) before the trainer reads data or touches the run folder; each error names the option as the
+config file spells it and as its command-line flag.
+"""
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
+
+POSITIVE_INTS = ("steps", "batch_size", "grad_accum", "num_train", "num_eval", "eval_batch_size", "log_every",
+                 "max_new_tokens")
+NON_NEGATIVE_INTS = ("warmup_steps", "eval_every", "save_every", "regenerate_every", "num_negatives")
+POSITIVE_FLOATS = ("lr", "max_grad_norm", "beta")
+NON_NEGATIVE_FLOATS = ("weight_decay",)
 
 
 @dataclass
@@ -37,6 +51,7 @@ class TrainConfig:
     loss_kwargs: dict = field(default_factory=dict)
     precision: str = "fp32"  # fp32 | bf16 (autocast; master weights and log-probs stay fp32)
     reference: str = "model"  # model (frozen copy) | precomputed (reference log-probs computed once)
+    pack_prompts: str = "auto"  # auto | on | off: each prompt once + its K responses (prefrank.packing)
     seed: int = 0
     # bookkeeping
     log_every: int = 1
@@ -45,6 +60,7 @@ class TrainConfig:
     max_new_tokens: int = 8
     save_every: int = 0  # 0 = only at the end (and on SIGTERM)
     resume: bool = False
+    overwrite: bool = False  # a non-empty `out` is refused unless resume or overwrite (its outputs deleted)
     distributed: str = "ddp"  # ddp | fsdp (only used under torchrun with WORLD_SIZE > 1)
     progress: bool = True
     # -- selfpref (issue 7): self-generated SMPRO groups / MISP-DPO negatives, see prefrank.train.selfpref --
@@ -53,20 +69,51 @@ class TrainConfig:
     selfpref: dict = field(default_factory=dict)  # SelfPrefOptions fields (samples, corruption, pool, SAE …)
 
     def validate(self):
+        """Check every option; ValueError naming it (`steps (--steps)`). Returns self."""
         from prefrank.train.methods import METHODS
 
+        for option in dataclasses.fields(self):
+            setattr(self, option.name, _checked_type(option.name, getattr(self, option.name), option.type))
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        for name in ("steps", "batch_size", "grad_accum", "num_train", "num_eval", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.reference not in ("model", "precomputed"):
-            raise ValueError(f"reference must be 'model' or 'precomputed', got {self.reference!r}")
-        if self.distributed not in ("ddp", "fsdp"):
-            raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
+            raise ValueError(f"{_label('method')} must be one of {sorted(METHODS)}, got {self.method!r}")
+        for name in POSITIVE_INTS + NON_NEGATIVE_INTS + POSITIVE_FLOATS + NON_NEGATIVE_FLOATS:
+            value, positive = getattr(self, name), name in POSITIVE_INTS + POSITIVE_FLOATS
+            if value is not None and (not math.isfinite(value) or value < 0 or (positive and value == 0)):
+                raise ValueError(f"{_label(name)} must be {'> 0' if positive else '>= 0'}"
+                                 f"{' and finite' if isinstance(value, float) else ''}, got {value}")
+        for name, choices in (("precision", ("fp32", "bf16")), ("reference", ("model", "precomputed")),
+                              ("distributed", ("ddp", "fsdp")),
+                              ("pack_prompts", ("auto", "on", "off"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{_label(name)} must be one of {choices}, got {getattr(self, name)!r}")
+        if not self.out:
+            raise ValueError(f"{_label('out')} must name a run folder")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+        self._check_loss_options(METHODS[self.method]())
         return self
+
+    def _check_loss_options(self, method):
+        """Run the method's loss once on a tiny zero batch with this config's beta and loss_kwargs (the reference
+        backend: no compiled kernel needed), so an option the loss rejects fails now, not at step 1."""
+        import torch
+
+        from prefrank import backend
+        from prefrank.train.data import PreferenceRecord
+        from prefrank.train.methods import SequenceBatch
+
+        record = PreferenceRecord(image=None, question="", responses=["a", "b", "c", "d"], groups=[0, 1, 2, 2],
+                                  negative_images=[None, None])
+        count = len(method.requests(record, "loss-option check"))
+        batch = SequenceBatch(indices=[0], inputs={}, labels=torch.zeros(1, 1, dtype=torch.long),
+                              positions=torch.arange(count).unsqueeze(0), extras=method.extras([record]))
+        logps = torch.zeros(count)
+        try:
+            with backend.use_backend("reference"):
+                method.loss(logps, logps if method.needs_reference else None, batch, self)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the {self.method} loss rejects its options beta={self.beta!r} ({_label('beta')}) / "
+                             f"loss_kwargs={self.loss_kwargs!r}: {error}") from error
 
 
 def load_config_file(path):
@@ -87,8 +134,45 @@ def load_config_file(path):
     return values
 
 
+def _type_name(kind):
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+            type(None): "null"}.get(kind, kind.__name__)
+
+
+def _checked_type(name, value, annotation):
+    """`value` if it has the field's annotated type (an int is accepted, and converted, for a float field);
+    else a ValueError naming the option (config files are not type-checked by argparse)."""
+    kinds = annotation.__args__ if isinstance(annotation, types.UnionType) else (annotation,)
+    for kind in kinds:
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+            return value
+    expected = " or ".join(_type_name(kind) for kind in kinds)
+    raise ValueError(f"{_label(name)} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+@functools.cache
+def _flags():
+    return {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
+
+
+def _label(name):
+    """How an error names an option: `log_every (--log-every)`, or the config-file name alone."""
+    flag = _flags().get(name)
+    return f"{name} ({flag})" if flag else name
+
+
 def parse_args(argv=None):
     """Config = dataclass defaults ← --config file ← explicit flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = load_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    return TrainConfig(**values).validate()
+
+
+def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m prefrank.train",
         description="Train a vision-language policy with SFT or a preference loss.")
@@ -107,6 +191,9 @@ def parse_args(argv=None):
         "seed": dict(type=int), "num_train": dict(type=int), "num_eval": dict(type=int),
         "eval_every": dict(type=int), "save_every": dict(type=int), "log_every": dict(type=int),
         "distributed": dict(choices=["ddp", "fsdp"]),
+        "pack_prompts": dict(choices=["auto", "on", "off"],
+                             help="one row per prompt holding all its responses (default auto: where the method "
+                                  "and model allow it; on: fail if the model cannot)"),
         # -- selfpref (issue 7) --
         "self_generate": dict(choices=["off", "offline", "online"],
                               help="smpro/misp_dpo: build the preference data with the policy itself"),
@@ -115,9 +202,10 @@ def parse_args(argv=None):
     for name, options in flags.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **options)
     parser.add_argument("--resume", action="store_true", default=None,
-                        help="continue from the latest checkpoint in --out")
+                        help="continue from the latest checkpoint in --out (a non-empty --out is refused "
+                             "without --resume or --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="replace the outputs of a previous run in --out (config.json, metrics.jsonl, "
+                             "checkpoints/, final/ …; other files are kept)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    args = parser.parse_args(argv)
-    values = load_config_file(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
-    return TrainConfig(**values).validate()
+    return parser

@@ -6,6 +6,7 @@ DESIGN.md: 0 = most preferred, equal levels tie, -1 = padding). Optional `negati
 """
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class PreferenceRecord:
     answer: str | None = None  # the exact-match target for evaluation (synthetic data always has one)
     negative_images: list[Image.Image] = field(default_factory=list)
     negative_log_q: list[float] | None = None
+    source: str | None = None  # "file:line" of a record loaded from JSONL: every later error names it
 
     @property
     def target(self):
@@ -191,9 +193,13 @@ def load_jsonl(path, data_root=None):
             if any(g < -1 for g in item["groups"]) or max(item["groups"]) < 0:
                 raise ValueError(f"{where}: 'groups' must be levels >= 0 (or -1 = padding) with at least one "
                                  f"valid entry, got {item['groups']}")
+            answer = item.get("answer")
+            if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+                raise ValueError(f"{where}: 'answer' must be a non-empty string (the exact-match target), got "
+                                 f"{answer!r}")
             record = PreferenceRecord(image=_load_image(root, item["image"], where),
                                       question=item["question"], responses=item["responses"],
-                                      groups=item["groups"], answer=item.get("answer"))
+                                      groups=item["groups"], answer=answer, source=where)
             negatives = item.get("negative_images", [])
             if negatives:
                 _check_list(negatives, "negative_images", str, where)
@@ -201,10 +207,44 @@ def load_jsonl(path, data_root=None):
             if "negative_log_q" in item:
                 log_q = item["negative_log_q"]
                 if not isinstance(log_q, list) or len(log_q) != len(negatives) or not all(
-                        isinstance(v, (int, float)) for v in log_q):
-                    raise ValueError(f"{where}: 'negative_log_q' must be a list of {len(negatives)} numbers")
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= 0
+                        for v in log_q):
+                    raise ValueError(f"{where}: 'negative_log_q' must be a list of {len(negatives)} finite log "
+                                     f"probabilities (<= 0), one per negative image, got {log_q!r}")
                 record.negative_log_q = [float(v) for v in log_q]
             records.append(record)
     if not records:
         raise ValueError(f"{path}: no records")
+    return records
+
+
+def validate_records(records, method=None, split="train"):
+    """Check every record before training starts, so bad data fails at load time, naming the record's
+    `file:line` (or `<split> record <i>` for in-memory records) and the field, instead of crashing at the step
+    whose batch first holds it. Any record: an `answer` that is a non-empty string if given and a valid level
+    (the evaluation target). With a training `method` (a `prefrank.train.methods.Method`): a preference
+    method needs two preference levels per record, the method's own request checks pass (MISP-DPO's negative
+    images, …), and a method using negatives gets `negative_log_q` for every record or for none."""
+    first_log_q = None
+    for index, record in enumerate(records):
+        where = record.source or f"{split} record {index}"
+        if record.answer is not None and (not isinstance(record.answer, str) or not record.answer.strip()):
+            raise ValueError(f"{where}: 'answer' must be a non-empty string, got {record.answer!r}")
+        if len(record.groups) != len(record.responses) or not any(g >= 0 for g in record.groups):
+            raise ValueError(f"{where}: 'groups' needs one level per response and a valid (>= 0) level, got "
+                             f"{record.groups} for {len(record.responses)} responses")
+        if method is None:
+            continue
+        if method.needs_reference and len({g for g in record.groups if g >= 0}) < 2:
+            raise ValueError(f"{where}: 'groups' has a single preference level {record.groups}; method "
+                             f"{method.name!r} needs at least two levels (a preferred and a dispreferred response)")
+        method.requests(record, where)
+        if method.needs_negatives:
+            has_log_q = record.negative_log_q is not None
+            if first_log_q is None:
+                first_log_q = (where, has_log_q)
+            elif has_log_q != first_log_q[1]:
+                given, missing = (where, first_log_q[0]) if has_log_q else (first_log_q[0], where)
+                raise ValueError(f"{where}: 'negative_log_q' is given in {given} but not in {missing}: give it "
+                                 f"for every record (importance weights) or for none (a uniform proposal)")
     return records

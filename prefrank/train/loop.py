@@ -15,15 +15,27 @@ import random
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from prefrank.packing import check_model
 from prefrank.train import distributed as distributed_utils
 from prefrank.train import selfpref
-from prefrank.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from prefrank.train.data import load_jsonl, synthetic_dataset
+from prefrank.train.checkpoint import (
+    append_line,
+    check_run_folder,
+    clear_run_folder,
+    latest_checkpoint,
+    load_checkpoint,
+    read_jsonl_rows,
+    save_checkpoint,
+    set_rng_state,
+    write_text_atomically,
+)
+from prefrank.train.data import load_jsonl, synthetic_dataset, validate_records
 from prefrank.train.methods import METHODS, EncodedRecords
 from prefrank.train.model import SequenceScorer, build_tiny_vlm, load_vlm
 
@@ -111,19 +123,45 @@ def exact_match_accuracy(vlm, data, state, batch_size, max_new_tokens):
 
 
 @torch.no_grad()
-def sequence_logps(scorer, method, data, indices, device, autocast_dtype=None):
+def sequence_logps(scorer, method, data, indices, device, autocast_dtype=None, packed=False):
     """Flat log-probs of `method`'s requests for records `indices` (in order), with their positions."""
-    batch = method.build_batch(data, indices).to(device)
+    batch = method.build_batch(data, indices, packed=packed).to(device)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        return scorer(batch.inputs, batch.labels), batch
+        return scorer(batch.inputs, batch.labels, **batch.segments), batch
+
+
+def choose_packing(config, method, model, state):
+    """Whether batches pack each prompt once with all of its responses (prefrank.packing); prints one line
+    saying which path runs and why. pack_prompts: "auto" packs where the method and model allow it, "on"
+    raises when the model cannot (check_model's error), "off" never packs."""
+    if config.pack_prompts == "off":
+        packed, reason = False, "pack_prompts='off'"
+    elif not method.packable:
+        packed, reason = False, f"{method.name} scores one response under several images: no shared prompt"
+    else:
+        try:
+            check_model(model)
+            packed, reason = True, "each prompt and its image once, then its responses"
+        except ValueError as error:
+            if config.pack_prompts == "on":
+                raise
+            packed, reason = False, str(error)
+    if state.is_main:
+        print(f"prefrank.train: {config.method} runs {'packed' if packed else 'unpacked'} ({reason})", flush=True)
+    return packed
 
 
 class Trainer:
     def __init__(self, config, state=None, train_records=None, eval_records=None):
         """`train_records` / `eval_records` (lists of PreferenceRecord) replace the configured data sources:
-        that is how programs (the demo, preference-generation rounds) feed records they built in memory."""
+        that is how programs (the demo, preference-generation rounds) feed records they built in memory.
+
+        Nothing is written to `config.out` until the config, the run folder (non-empty: only with resume or
+        overwrite) and every training and evaluation record have been checked."""
         self.config = config.validate()
         self.state = state or distributed_utils.init_distributed()
+        check_run_folder(config)
+        distributed_utils.barrier(self.state)  # every rank has looked at the folder before rank 0 changes it
         self.method = METHODS[config.method]()
         self.out = Path(config.out)
         self.autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
@@ -136,19 +174,28 @@ class Trainer:
         self.vlm = build_policy(config)
         self.vlm.model.to(self.state.device).train()
         records = train_records if train_records is not None else load_records(config, "train")
-        # -- selfpref hook (issue 7): policy-generated SMPRO groups / MISP-DPO negatives --
-        self.self_generator = selfpref.SelfGenerator.from_config(config, self.vlm, self.state)
-        if self.self_generator is not None:
-            records = self.self_generator.prepare(records)
-        self.train_data = EncodedRecords.build(self.vlm, records, with_negatives=self.method.needs_negatives)
         if eval_records is None:
             eval_records = load_records(config, "eval")
+        validate_records(eval_records, split="eval")
+        # -- selfpref hook (issue 7): policy-generated SMPRO groups / MISP-DPO negatives --
+        self.self_generator = selfpref.SelfGenerator.from_config(config, self.vlm, self.state)
+        if self.self_generator is None:  # self-generated records are checked once they exist
+            validate_records(records, self.method)
+        if self.state.is_main:
+            if config.overwrite:
+                clear_run_folder(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+        distributed_utils.barrier(self.state)
+        if self.self_generator is not None:
+            records = validate_records(self.self_generator.prepare(records), self.method)
+        self.train_data = EncodedRecords.build(self.vlm, records, with_negatives=self.method.needs_negatives)
         self.eval_data = EncodedRecords.build(self.vlm, eval_records) if eval_records else None
         per_micro, remainder = divmod(config.batch_size, self.state.world_size * config.grad_accum)
         if remainder or per_micro == 0:
             raise ValueError(f"batch_size={config.batch_size} must be a positive multiple of world_size × "
                              f"grad_accum = {self.state.world_size} × {config.grad_accum}")
         self.micro_batch = per_micro
+        self.packed = choose_packing(config, self.method, self.vlm.model, self.state)
 
         self.reference = None
         self.reference_table = None
@@ -172,6 +219,7 @@ class Trainer:
         if self.reference_table is not None:
             raise ValueError("set_train_records needs reference='model': the precomputed reference model "
                              "was dropped after scoring the first records")
+        validate_records(records, self.method)
         self.train_data = EncodedRecords.build(self.vlm, records, with_negatives=self.method.needs_negatives)
 
     # -- reference -----------------------------------------------------------------------------------------
@@ -182,7 +230,7 @@ class Trainer:
         for start in range(0, len(self.train_data), self.config.eval_batch_size):
             indices = list(range(start, min(start + self.config.eval_batch_size, len(self.train_data))))
             logps, batch = sequence_logps(scorer, self.method, self.train_data, indices, self.state.device,
-                                          self.autocast_dtype)
+                                          self.autocast_dtype, packed=self.packed)
             for row in batch.positions:
                 table.append(logps[row[row >= 0]].cpu())
         return table
@@ -191,8 +239,8 @@ class Trainer:
         if self.reference is not None:
             with torch.no_grad(), torch.autocast(self.state.device.type, dtype=self.autocast_dtype,
                                                  enabled=self.autocast_dtype is not None):
-                return self.reference(batch.inputs, batch.labels)
-        flat = torch.zeros(batch.labels.shape[0], dtype=torch.float32)
+                return self.reference(batch.inputs, batch.labels, **batch.segments)
+        flat = torch.zeros(batch.num_sequences, dtype=torch.float32)
         for row, index in zip(batch.positions.cpu(), batch.indices, strict=True):
             flat[row[row >= 0]] = self.reference_table[index]
         return flat.to(self.state.device)
@@ -242,22 +290,22 @@ class Trainer:
         self.step = trainer_state["step"]
         if rng is not None:
             set_rng_state(rng)
-        if self.state.is_main:  # drop metrics logged after the checkpoint: they will be logged again
-            metrics = self.out / "metrics.jsonl"
-            if metrics.exists():
-                kept = [line for line in metrics.read_text().splitlines()
-                        if json.loads(line)["step"] <= self.step]
-                metrics.write_text("".join(line + "\n" for line in kept))
         return True
+
+    def _drop_metrics_after_step(self):
+        """On resume: rows logged after the checkpoint (all of them without one) are logged again."""
+        metrics = self.out / "metrics.jsonl"
+        if self.state.is_main and metrics.exists():
+            kept = [row for row in read_jsonl_rows(metrics) if row["step"] <= self.step]
+            write_text_atomically(metrics, "".join(json.dumps(row) + "\n" for row in kept))
 
     # -- loop ----------------------------------------------------------------------------------------------
     def _log(self, row):
         if self.state.is_main:
-            with open(self.out / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            append_line(self.out / "metrics.jsonl", json.dumps(row))
 
     def _micro_step(self, indices, token_normaliser, sync):
-        batch = self.method.build_batch(self.train_data, indices).to(self.state.device)
+        batch = self.method.build_batch(self.train_data, indices, packed=self.packed).to(self.state.device)
         batch.extras["token_normaliser"] = torch.tensor(token_normaliser, device=self.state.device)
         reference = self._reference_logps(batch) if self.method.needs_reference else None
         skip_sync = not sync and hasattr(self.scorer, "no_sync")
@@ -265,7 +313,7 @@ class Trainer:
         with context:
             with torch.autocast(self.state.device.type, dtype=self.autocast_dtype,
                                 enabled=self.autocast_dtype is not None):
-                policy = self.scorer(batch.inputs, batch.labels)
+                policy = self.scorer(batch.inputs, batch.labels, **batch.segments)
             output = self.method.loss(policy, reference, batch, self.config)
             (output.loss / self.config.grad_accum).backward()
         return {"loss": output.loss.detach(), **output.metrics}
@@ -291,6 +339,7 @@ class Trainer:
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value.float().cpu() / config.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vlm.model.parameters(), config.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler then moves on)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -300,7 +349,7 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
         metrics["grad_norm"] = float(grad_norm)
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["lr"] = lr
         return metrics
 
     def evaluate(self):
@@ -321,13 +370,11 @@ class Trainer:
     def train(self):
         """Run to `config.steps` (or until SIGTERM: then checkpoint and return). Returns the summary dict."""
         config, state = self.config, self.state
-        self.out.mkdir(parents=True, exist_ok=True)
         if config.resume:
             self.resume()
-        elif state.is_main and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()
+            self._drop_metrics_after_step()
         if state.is_main:
-            (self.out / "config.json").write_text(json.dumps(vars(config), indent=2))
+            write_text_atomically(self.out / "config.json", json.dumps(vars(config), indent=2))
         # signal handlers can only be installed from the main thread (a trainer run elsewhere skips it)
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop) if in_main_thread else None
@@ -364,31 +411,40 @@ class Trainer:
                    "train_seconds": time.perf_counter() - started}
         if interrupted:
             return summary
+        digests = self._save_final()  # before the evaluation: a failing evaluation never loses the weights
         accuracy = self.evaluate()
         if accuracy is not None:
             self._log({"step": self.step, "eval/accuracy": accuracy})
-        summary.update(self._finish(accuracy))
+        summary.update(self._finish(accuracy, digests))
         return summary
 
-    def _finish(self, accuracy):
-        """Final checkpoint, HF model folder, parameter digest per rank, plots, final.json."""
+    def _save_final(self):
+        """Final checkpoint and HF model folder; returns the parameter digest of every rank."""
         self.save()
         model_state = self.model_state_dict(on_every_rank=True)
-        digest = parameter_digest(model_state)
-        digests = distributed_utils.all_gather_strings(digest, self.state)
-        summary = {"eval_accuracy": accuracy, "param_digests": digests}
+        digests = distributed_utils.all_gather_strings(parameter_digest(model_state), self.state)
         if self.state.is_main:
             self.vlm.model.save_pretrained(self.out / "final", state_dict=model_state)
             self.vlm.processor.save_pretrained(self.out / "final")
-            rows = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+        return digests
+
+    def _finish(self, accuracy, digests):
+        """Summary metrics, plots (skipped with a warning without matplotlib), final.json."""
+        summary = {"eval_accuracy": accuracy, "param_digests": digests}
+        if self.state.is_main:
+            rows = read_jsonl_rows(self.out / "metrics.jsonl")
             last = [r for r in rows if "loss" in r][-max(1, self.config.steps // 10):]
             # per-level metrics (rewards/group_3 …) exist only on steps whose batch has that level (issue 7)
             summary["final_metrics"] = {k: sum(r[k] for r in last if k in r) / sum(k in r for r in last)
                                         for k in last[-1] if k not in ("step", "lr")}
             from prefrank.train.plots import plot_metrics
 
-            plot_metrics(rows, self.out / "training.png", title=f"{self.config.method} ({self.out.name})")
-            (self.out / "final.json").write_text(json.dumps(summary, indent=2))
+            try:
+                plot_metrics(rows, self.out / "training.png", title=f"{self.config.method} ({self.out.name})")
+            except ImportError as error:  # matplotlib is in the `train` extra, but the run must not die here
+                warnings.warn(f"training.png not written: {error} (pip install matplotlib, or the "
+                              f"'prefrank[train]' extra)", stacklevel=2)
+            write_text_atomically(self.out / "final.json", json.dumps(summary, indent=2))
         return summary
 
 

@@ -2,16 +2,21 @@
 log-probs. A method is a small class registered in `METHODS`; new ones (e.g. online SMPRO rounds) subclass
 `Method` and register themselves.
 
-Every batch becomes ONE packed forward: a flat list of sequences plus `positions[b, j]`, the flat index of
-record b's j-th request (-1 = none), so each method reshapes the flat log-probs into its own (B, K) layout.
+Every batch becomes ONE forward: a flat list of log-probs plus `positions[b, j]`, the flat index of record
+b's j-th request (-1 = none), so each method reshapes the flat log-probs into its own (B, K) layout. Two
+layouts give the flat list: one row per request `[prompt, response]` (`collate`), or, when every request
+of a record is on its own image (`Method.packable`), one row per record holding the prompt once followed
+by all of its responses (`collate_packed`, prefrank.packing): the prompt and its image run once instead of
+K times, with identical log-probs. MISP-DPO scores one response under K+1 different images: no shared
+prefix, it stays unpacked.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from prefrank.train import api
-from prefrank.train.model import collate
+from prefrank.train.model import collate, collate_packed
 
 CLEAN = -1  # image slot of the record's own image; k >= 0 is its k-th negative image
 
@@ -48,13 +53,20 @@ class SequenceBatch:
     labels: torch.Tensor  # completion-token labels aligned with the hidden states
     positions: torch.Tensor  # (B, K) flat sequence index of each request, -1 = none
     extras: dict  # per-method tensors (groups, log_q …)
+    segments: dict = field(default_factory=dict)  # packed: segment_ids, num_segments (scorer keywords)
 
     def to(self, device):
         self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
         self.labels = self.labels.to(device)
         self.positions = self.positions.to(device)
         self.extras = {k: v.to(device) for k, v in self.extras.items()}
+        self.segments = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.segments.items()}
         return self
+
+    @property
+    def num_sequences(self):
+        """Length of the flat log-prob vector the scorer returns."""
+        return self.segments["num_segments"] if self.segments else self.labels.shape[0]
 
 
 def gather_logps(flat, positions):
@@ -74,6 +86,7 @@ class Method:
     name = ""
     needs_reference = True
     needs_negatives = False
+    packable = True  # every request is on the record's own image: build_batch(packed=True) works
 
     def requests(self, record, where):
         """[(image slot, response index)] this method scores for a record."""
@@ -94,7 +107,10 @@ class Method:
             kwargs["beta"] = beta
         return kwargs
 
-    def build_batch(self, data, indices):
+    def build_batch(self, data, indices, packed=False):
+        """The batch of records `indices`: one row per request, or (packed) one row per record."""
+        if packed:
+            return self._build_packed_batch(data, indices)
         flat_prompts, flat_responses, rows = [], [], []
         for index in indices:
             requests = self.requests(data.records[index], f"record {index}")
@@ -107,6 +123,21 @@ class Method:
         inputs, labels = collate(data.pad_id, flat_prompts, flat_responses)
         return SequenceBatch(list(indices), inputs, labels, positions,
                              self.extras([data.records[i] for i in indices]))
+
+    def _build_packed_batch(self, data, indices):
+        prompts, responses = [], []
+        for index in indices:
+            requests = self.requests(data.records[index], f"record {index}")
+            if any(slot != CLEAN for slot, _ in requests):
+                raise ValueError(f"{self.name}: record {index} scores responses under other images; it "
+                                 "cannot share one prompt (run unpacked)")
+            prompts.append(data.prompt(index, CLEAN))
+            responses.append([data.responses[index][response] for _, response in requests])
+        inputs, labels, segments, mask = collate_packed(data.pad_id, prompts, responses)
+        slots = torch.arange(mask.numel()).view(mask.shape)  # segment slot b·K + k = flat index
+        positions = torch.where(mask, slots, -1)
+        return SequenceBatch(list(indices), inputs, labels, positions,
+                             self.extras([data.records[i] for i in indices]), segments)
 
 
 class SFT(Method):
@@ -171,9 +202,10 @@ class SMPRO(Listwise):
 
 class MISPDPO(Method):
     """MISP-DPO: the chosen response on the clean image vs on each negative image (image side), plus DPO on
-    (chosen, rejected) on the clean image (text side)."""
+    (chosen, rejected) on the clean image (text side). Unpacked: the image side scores one response under
+    K+1 different images, so its rows share no prompt prefix."""
 
-    name, needs_negatives = "misp_dpo", True
+    name, needs_negatives, packable = "misp_dpo", True, False
 
     def requests(self, record, where):
         if not record.negative_images:

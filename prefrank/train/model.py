@@ -2,13 +2,16 @@
 
 `VisionLanguageModel` hides the processor: it turns (image, question) into prompt tensors, responses into
 completion token ids, packs (prompt, response) pairs into a right-padded batch with completion-only labels,
-and generates answers. `SequenceScorer` is the nn.Module that DDP/FSDP wrap: backbone hidden states → the
-lm_head weight → `linear_sequence_logprobs` on the completion tokens only (never full-vocabulary logits).
+and generates answers; `collate_packed` lays each prompt out once followed by all of its responses
+(prefrank.packing: one forward of the prompt and its image serves the K responses). `SequenceScorer` is
+the nn.Module that DDP/FSDP wrap: backbone hidden states → the lm_head weight → `linear_sequence_logprobs`
+on the completion tokens only (never full-vocabulary logits).
 """
 
 import torch
 from torch import nn
 
+from prefrank.packing import pack_shared_prompt
 from prefrank.train.api import linear_sequence_logprobs
 
 IGNORE_INDEX = -100
@@ -167,6 +170,27 @@ def collate(pad_id, prompts, responses):
             batch[key] = torch.cat([p[key] for p in prompts], dim=0)
     return batch, labels
 
+
+def collate_packed(pad_id, prompts, responses):
+    """One row per prompt: the prompt once, then its K_b responses (prefrank.packing.pack_shared_prompt:
+    4-D attention mask, position ids continued from the prompt's end). `responses[b]` = token id lists of
+    prompt b's responses. Returns (inputs, labels, segments, mask): labels and segments
+    (`segment_ids`, `num_segments`: slot b·K + k) for `linear_sequence_logprobs`, mask (B, K) of real slots.
+    Image tensors (pixel_values …) are concatenated, one per prompt: each image is encoded once."""
+    token_keys = _token_keys(prompts[0])
+    per_token_extras = sorted(set(token_keys) - {"input_ids", "attention_mask"})
+    if per_token_extras:
+        raise ValueError(f"cannot pack prompts with per-token inputs {per_token_extras}: run unpacked "
+                         "(pack_prompts='off')")
+    for index, prompt in enumerate(prompts):
+        if "attention_mask" in prompt and not bool(prompt["attention_mask"].all()):
+            raise ValueError(f"prompt {index} is padded (attention_mask has zeros): pass unpadded prompts")
+    packed = pack_shared_prompt([p["input_ids"][0] for p in prompts], responses, pad_token_id=pad_id)
+    images = {key: torch.cat([p[key] for p in prompts], dim=0) for key in prompts[0] if key not in token_keys}
+    segments = {"segment_ids": packed.segment_ids, "num_segments": packed.num_segments}
+    return packed.model_inputs(**images), packed.labels, segments, packed.mask
+
+
 def left_pad(pad_id, prompts):
     """Prompts left-padded for batched generation."""
     width = max(p["input_ids"].shape[1] for p in prompts)
@@ -199,14 +223,16 @@ def backbone_of(model):
 
 
 class SequenceScorer(nn.Module):
-    """Summed completion log-probs of packed (prompt, response) sequences: the module DDP / FSDP wrap, so that
-    the whole forward (backbone + lm_head weight) runs inside the wrapper's forward."""
+    """Summed completion log-probs of a batch (rows of `collate`, or `collate_packed` with its segments): the
+    module DDP / FSDP wrap, so that the whole forward (backbone + lm_head weight) runs inside the wrapper's
+    forward. Returns one log-prob per row, or per segment slot when `segment_ids` is given."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs, labels):
+    def forward(self, inputs, labels, segment_ids=None, num_segments=None):
         hidden = backbone_of(self.model)(**inputs, use_cache=False).last_hidden_state
         head = self.model.get_output_embeddings()
-        return linear_sequence_logprobs(hidden, head.weight, labels, bias=head.bias)
+        return linear_sequence_logprobs(hidden, head.weight, labels, bias=head.bias, segment_ids=segment_ids,
+                                        num_segments=num_segments)

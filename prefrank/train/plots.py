@@ -1,9 +1,5 @@
-"""PNG plots of a run's metrics.jsonl (matplotlib, headless)."""
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+"""PNG plots of a run's metrics.jsonl (matplotlib, headless; imported when a plot is drawn, so the trainer
+runs without it and only the plot is skipped)."""
 
 
 def _series(rows, key):
@@ -12,7 +8,13 @@ def _series(rows, key):
 
 
 def plot_metrics(rows, path, title=""):
-    """Loss, reward margins, reward / eval accuracies against the step, one panel each."""
+    """Loss, reward margins, reward / eval accuracies against the step, one panel each. ImportError without
+    matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     keys = {k for row in rows for k in row}
     margin_keys = sorted(k for k in keys if "margin" in k)
     accuracy_keys = sorted(k for k in keys if "accurac" in k)

@@ -1,0 +1,163 @@
+"""Hypothesis fuzz of soft_sort and sortnet_rank_loss (issue #13): the compiled kernels (impl="auto") against
+prefrank.reference (impl="reference") on random shapes (0 and 1 included), dtypes, strides and item axes,
+groups with ties and padding (NaN padding included), extreme and non-finite values and bad options. Both give
+the same result — values, P, loss and gradients — or raise the same exception type."""
+
+import math
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prefrank import networks, ops
+
+EXAMPLES = 200
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+SCALES = (1e-3, 1.0, 30.0, 1e4)
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _tolerance(dtype):
+    """Both paths compute in float64 for float64 inputs and in float32 otherwise (fp16/bf16 upcast exactly);
+    a gradient in fp16/bf16 (the input's dtype) may round to a neighbouring value: one ulp of that dtype."""
+    return {torch.float64: dict(atol=1e-9, rtol=1e-7), torch.float32: dict(atol=2e-5, rtol=2e-4),
+            torch.float16: dict(atol=2e-5, rtol=1e-3), torch.bfloat16: dict(atol=2e-5, rtol=8e-3)}[dtype]
+
+
+def _outcome(fn):
+    """(result, None) or (None, exception type) for the documented bad-input errors; anything else fails."""
+    try:
+        return fn(), None
+    except (ValueError, TypeError) as err:
+        return None, type(err)
+
+
+def _layout(data, base, dim_position):
+    """``base`` (..., n) rearranged so the items sit at ``dim_position``, optionally non-contiguous."""
+    x = base.movedim(-1, dim_position)
+    if data.draw(st.booleans(), label="non-contiguous"):
+        x = torch.stack([x, torch.zeros_like(x)], dim=-1)[..., 0]  # every other element of a larger buffer
+    return x
+
+
+@st.composite
+def _values(draw, shape, dtype):
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1), label="seed"))
+    scale = draw(st.sampled_from(SCALES), label="scale")
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    flat = x.view(-1)
+    if flat.numel() >= 2 and draw(st.booleans(), label="ties"):  # about half the values repeat others
+        copies = torch.rand(flat.numel(), generator=generator) < 0.5
+        flat[copies] = flat[torch.randint(0, flat.numel(), (int(copies.sum()),), generator=generator)]
+    if flat.numel() and draw(st.integers(0, 9), label="non-finite") == 0:
+        flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    return x.to(dtype)
+
+
+SORT_OPTIONS = st.fixed_dictionaries({
+    "network": st.sampled_from(networks.NETWORKS),
+    "relaxation": st.sampled_from(networks.RELAXATIONS),
+    "steepness": st.sampled_from([0.5, 3.0, 10.0, 50.0]),
+    "art_lambda": st.sampled_from([0.0, 0.25, 1.0]),
+    "descending": st.booleans(),
+    "return_permutation": st.booleans(),
+})
+
+
+def _soft_sort_run(x, weights, impl, **options):
+    leaf = x.detach().clone().requires_grad_()
+    values, P = ops.soft_sort(leaf, impl=impl, **options)
+    total = (values * weights[0]).sum() + (0 if P is None else (P * weights[1]).sum())
+    if total.requires_grad:
+        total.backward()
+    return values.detach(), None if P is None else P.detach(), leaf.grad
+
+
+@FUZZ
+@given(data=st.data(), options=SORT_OPTIONS)
+def test_soft_sort_matches_reference(data, options):
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    batch = data.draw(st.lists(st.integers(0, 3), max_size=2), label="batch")
+    n = data.draw(st.integers(0, 9), label="n")
+    base = data.draw(_values(tuple(batch) + (n,), dtype))
+    dim_position = data.draw(st.integers(0, len(batch)), label="dim")
+    x = _layout(data, base, dim_position)
+    dim = dim_position - x.dim() if data.draw(st.booleans(), label="negative dim") else dim_position
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = (torch.randn(x.shape, generator=generator, dtype=acc),
+               torch.randn(tuple(batch) + (n, n), generator=generator, dtype=acc))
+    expected, expected_error = _outcome(lambda: _soft_sort_run(x, weights, "reference", dim=dim, **options))
+    got, error = _outcome(lambda: _soft_sort_run(x, weights, "auto", dim=dim, **options))
+    assert error == expected_error
+    if error is not None:
+        return
+    for g, e, out_dtype in zip(got, expected, (acc, acc, dtype), strict=True):  # values, P, ∂/∂x
+        assert (g is None) == (e is None)
+        if g is not None:
+            assert g.dtype == e.dtype == out_dtype and g.shape == e.shape
+            torch.testing.assert_close(g, e, **_tolerance(out_dtype))
+
+
+@st.composite
+def _groups(draw, shape, target):
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1), label="groups seed"))
+    n = shape[-1]
+    if target == "permutation" and draw(st.integers(0, 4)) > 0:  # mostly valid rankings, with padding
+        rows = [torch.randperm(n, generator=generator) for _ in range(math.prod(shape[:-1]))]
+        groups = (torch.stack(rows) if rows else torch.zeros((0, n), dtype=torch.int64)).reshape(shape)
+    else:
+        levels = draw(st.integers(1, 4), label="levels")
+        groups = torch.randint(0, levels, shape, generator=generator)
+    padding = torch.rand(shape, generator=generator) < draw(st.sampled_from([0.0, 0.3, 0.9]), label="padding")
+    groups = torch.where(padding, -1, groups)
+    if groups.numel() and draw(st.integers(0, 14), label="bad level") == 0:
+        groups.view(-1)[draw(st.integers(0, groups.numel() - 1))] = -2
+    dtype = draw(st.sampled_from([torch.int64, torch.int32, torch.int16]), label="groups dtype")
+    return groups.to(dtype)
+
+
+LOSS_OPTIONS = st.fixed_dictionaries({
+    "target": st.sampled_from(["block", "permutation"]),
+    "network": st.sampled_from(networks.NETWORKS),
+    "relaxation": st.sampled_from(networks.RELAXATIONS),
+    "steepness": st.sampled_from([0.5, 3.0, 10.0, 50.0]),
+    "art_lambda": st.sampled_from([0.0, 0.25, 1.0]),
+    "reduction": st.sampled_from(["none", "mean", "sum"]),
+})
+
+
+def _loss_run(scores, groups, weights, impl, **options):
+    leaf = scores.detach().clone().requires_grad_()
+    loss = ops.sortnet_rank_loss(leaf, groups, impl=impl, **options)
+    total = (loss * weights).sum() if options["reduction"] == "none" else loss
+    total.backward()
+    return loss.detach(), leaf.grad
+
+
+@FUZZ
+@given(data=st.data(), options=LOSS_OPTIONS)
+def test_sortnet_rank_loss_matches_reference(data, options):
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    batch = tuple(data.draw(st.lists(st.integers(0, 3), max_size=2), label="batch"))
+    n = data.draw(st.integers(0, 8), label="n")
+    shape = batch + (n,)
+    scores = data.draw(_values(shape, dtype))
+    groups = data.draw(_groups(shape, options["target"]))
+    if data.draw(st.booleans(), label="NaN padding"):
+        scores = torch.where(groups < 0, torch.tensor(math.nan, dtype=dtype), scores)
+    if data.draw(st.booleans(), label="non-contiguous"):
+        scores = torch.stack([scores, torch.zeros_like(scores)], dim=-1)[..., 0]
+        if len(batch) == 2:
+            scores, groups = scores.transpose(0, 1), groups.transpose(0, 1)
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = torch.rand(scores.shape[:-1], generator=generator, dtype=acc)
+    expected, expected_error = _outcome(lambda: _loss_run(scores, groups, weights, "reference", **options))
+    got, error = _outcome(lambda: _loss_run(scores, groups, weights, "auto", **options))
+    assert error == expected_error
+    if error is not None:
+        return
+    for g, e, out_dtype in zip(got, expected, (acc, dtype), strict=True):  # loss, ∂/∂scores
+        assert g.dtype == e.dtype == out_dtype and g.shape == e.shape
+        torch.testing.assert_close(g, e, **_tolerance(out_dtype))
