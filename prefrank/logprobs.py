@@ -92,9 +92,12 @@ def _token_fwd(logits, labels, ignore_index, temperature, use_triton):
 
 
 def _token_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, out, use_triton):
-    """out (rows, T, V) = d/dlogits; ``out`` may be ``logits`` (each row is read before it is written)."""
+    """out (rows, T, V) = d/dlogits; ``out=None``: written over ``logits`` (each row is read before it is
+    written)."""
     acc = _acc_dtype(logits.dtype)
     grad_logp = grad_logp.to(acc).contiguous()
+    if out is None:
+        out = logits
     if not use_triton:
         _extension.require()
         if out is logits:
@@ -175,12 +178,12 @@ def _sequence_bwd_inplace(grad_logp: Tensor, logits: Tensor, labels: Tensor, lse
 
 @_sequence_bwd_inplace.register_kernel("cpu")
 def _(grad_logp, logits, labels, lse, ignore_index, temperature, use_triton):
-    _token_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, logits, use_triton)
+    _token_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, None, use_triton)
 
 
 @_sequence_bwd_inplace.register_kernel("cuda")
 def _(grad_logp, logits, labels, lse, ignore_index, temperature, use_triton):
-    _token_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, logits, True)
+    _token_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, None, True)
 
 
 @_sequence_bwd_inplace.register_fake
@@ -480,7 +483,8 @@ def _linear_fwd_impl(hidden, weight, bias, labels, ignore_index, temperature, ch
     picked = _picked_tokens(labels, ignore_index, compact=hidden.device.type != "cuda")
     M = N if picked is None else picked.shape[0]
     keep = _keeps_logits(M, V, hidden.dtype, hidden.device, chunk_size, frozen_head)
-    chunk = max(1, chunk_size or default_chunk_size(V, hidden.dtype, hidden.device))
+    # kept logits are all live anyway: one GEMM over every labelled token streams the weight once
+    chunk = max(1, M if keep else chunk_size or default_chunk_size(V, hidden.dtype, hidden.device))
     logp = _checks.new_output((N,), dtype=acc, device=hidden.device)
     lse = _checks.new_output((N,), dtype=acc, device=hidden.device)
     if picked is not None:  # unlabelled tokens: logp = lse = 0, never computed
@@ -506,8 +510,7 @@ def _linear_fwd_impl(hidden, weight, bias, labels, ignore_index, temperature, ch
             lse.index_copy_(0, picked[s:e], ls[0])
         if frozen_head:  # U = (onehot − softmax)/τ in place over the chunk (unit upstream gradient), then U·W
             unit = torch.ones((1, e - s), dtype=acc, device=hidden.device)
-            _token_bwd_into(unit, logits.unsqueeze(0), y_chunk, ls, ignore_index, temperature, logits.unsqueeze(0),
-                            use_triton)
+            _token_bwd_into(unit, logits.unsqueeze(0), y_chunk, ls, ignore_index, temperature, None, use_triton)
             if picked is None:
                 torch.mm(logits, weight, out=saved[s:e])
             else:
@@ -571,7 +574,10 @@ def _linear_bwd_impl(grad_logp, hidden, weight, bias, labels, lse, saved, ignore
     picked = _picked_tokens(labels, ignore_index, compact=hidden.device.type != "cuda")
     M = N if picked is None else picked.shape[0]
     keep = saved.shape[0] == M and M > 0
-    chunk = max(1, chunk_size or default_chunk_size(V, hidden.dtype, hidden.device))
+    # kept logits in fp32/fp64: one chunk, so each of G·W and Gᵀ·h is one GEMM (grad_w written once); in
+    # fp16/bf16 Gᵀ·h runs in fp32 per chunk (an fp32 copy of one chunk, not of all the kept logits)
+    whole = keep and saved.dtype == acc
+    chunk = max(1, M if whole else chunk_size or default_chunk_size(V, hidden.dtype, hidden.device))
     grad_h = empty
     if need_hidden:
         grad_h = _checks.new_output(hidden.shape, dtype=hidden.dtype, device=hidden.device)
@@ -591,9 +597,11 @@ def _linear_bwd_impl(grad_logp, hidden, weight, bias, labels, lse, saved, ignore
         h_chunk = _rows(hidden, picked, s, e)
         # G of this chunk: over its recomputed logits, over the kept ones (inplace), or from them into scratch
         logits = saved[s:e] if keep else _chunk_logits(h_chunk, weight, bias)
-        g = torch.empty_like(logits) if keep and not inplace else logits
+        scratch = keep and not inplace
+        g = torch.empty_like(logits) if scratch else logits
         _token_bwd_into(g_tok[s:e].unsqueeze(0), logits.unsqueeze(0), y[s:e].unsqueeze(0),
-                        lse_tok[s:e].unsqueeze(0), ignore_index, temperature, g.unsqueeze(0), use_triton)
+                        lse_tok[s:e].unsqueeze(0), ignore_index, temperature, g.unsqueeze(0) if scratch else None,
+                        use_triton)
         del logits
         if need_hidden:
             if picked is None:
@@ -657,6 +665,7 @@ def _linear_setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, temperature, chunk_size, frozen_head, use_triton = inputs
     _, lse, saved = output
     ctx.mark_non_differentiable(lse, saved)
+    ctx.set_materialize_grads(False)  # else autograd builds a zero "gradient" the size of the kept logits
     if frozen_head:
         ctx.save_for_backward(saved)
     elif any(ctx.needs_input_grad[:3]):
@@ -672,6 +681,8 @@ def _linear_backward(ctx, grad_logp, _grad_lse, _grad_saved):
     if torch.is_grad_enabled():  # create_graph=True: no second-order kernels
         raise _double_backward_error("linear_sequence_logprobs")
     ignore_index, temperature, chunk_size, frozen_head = ctx.options
+    if grad_logp is None:  # only lse/saved were used downstream: they carry no gradient
+        return (None,) * 9
     if frozen_head:  # saved = U·W per token (formed in the forward): grad_h = g·(U·W), no GEMM
         (unit_grad_h,) = ctx.saved_tensors
         grad_h = (grad_logp.to(_acc_dtype(unit_grad_h.dtype))[:, None] * unit_grad_h).to(unit_grad_h.dtype)
