@@ -62,7 +62,7 @@ class DemoSettings:
     batch_size: int = 32
     sft_steps: int = 1200
     sft_lr: float = 3e-3
-    pref_steps: int = 60
+    pref_steps: int = 120
     pref_lr: float = 1e-4
     beta: float = 0.1
     seeds: tuple = (0, 1, 2)  # preference-training seeds (batch order); every row runs once per seed
@@ -70,6 +70,7 @@ class DemoSettings:
     workers: int = 2  # worker processes for the independent runs (one per core)
     threads: int = 1  # intra-op threads per process: on a small shared CPU one thread is by far the fastest
     tiny_model: dict = field(default_factory=dict)
+    base: str | None = None  # a previous demo's SFT run folder (runs/demo/sft) to start from: no warm-up
     round_options: dict = field(default_factory=lambda: dict(selfpref_demo.ROUND_OPTIONS))  # the shared round
 
 
@@ -259,13 +260,20 @@ def run_demo(settings, methods=None):
     eval_records = synthetic_dataset(settings.num_eval, seed=2)
     export_jsonl(eval_records, out / "data" / "heldout.jsonl")
 
-    print(f"[demo] SFT warm-up: {settings.sft_steps} steps × {settings.batch_size} prompts", flush=True)
     sft_config = replace(_config(settings, "sft", out / "sft", steps=settings.sft_steps, lr=settings.sft_lr,
                                  warmup_steps=10), progress=interactive, log_every=10)
     sft_started, sft_cpu = time.perf_counter(), time.process_time()
-    base = Trainer(sft_config, train_records=train_records, eval_records=eval_records)
-    base_summary = base.train()
-    base_row = {"accuracy": base_summary["eval_accuracy"], "seconds": time.perf_counter() - sft_started,
+    if settings.base is None:
+        print(f"[demo] SFT warm-up: {settings.sft_steps} steps × {settings.batch_size} prompts", flush=True)
+        base = Trainer(sft_config, train_records=train_records, eval_records=eval_records)
+        accuracy = base.train()["eval_accuracy"]
+        init = str(out / "sft")
+    else:  # a previous warm-up: the model it saved, evaluated again (nothing is trained)
+        print(f"[demo] base: the SFT run in {settings.base} (no warm-up)", flush=True)
+        base = Trainer(replace(sft_config, init=settings.base, out=str(out / "base")), train_records=train_records,
+                       eval_records=eval_records)
+        accuracy, init = base.evaluate(), settings.base
+    base_row = {"accuracy": accuracy, "seconds": time.perf_counter() - sft_started,
                 "per_task": per_task_accuracy(base.eval_answers, eval_records),
                 "malformed": malformed_fraction(base.eval_answers)}
     base_row["cpu_seconds"] = time.process_time() - sft_cpu
@@ -283,7 +291,6 @@ def run_demo(settings, methods=None):
           f"{round_.generated_answers / len(train_records):.2f} answers generated per prompt "
           f"({round_.seconds:.0f} s)", flush=True)
 
-    init = str(out / "sft")
     shared = dict(lr=settings.pref_lr, beta=settings.beta, warmup_steps=5, init=init)
     smpro_records = selfpref_demo.ranked_lists(base, train_records, settings)
     tasks = [RunTask(("value", label), f"value: SMPRO, {label}",
@@ -295,12 +302,15 @@ def run_demo(settings, methods=None):
     for demo_method in methods:
         row_records[demo_method.name] = demo_method.build_records(base, train_records, settings)
         export_jsonl(row_records[demo_method.name], out / "data" / f"{demo_method.name}.jsonl")
+    row_tasks = []
     for seed in settings.seeds:
         for demo_method in methods:
             config = _config(settings, demo_method.method, out / "runs" / demo_method.name / f"seed{seed}",
                              steps=settings.pref_steps, seed=seed, **{**shared, **demo_method.overrides})
-            tasks.append(RunTask((demo_method.name, seed), f"{demo_method.label}, seed {seed}", config,
-                                 row_records[demo_method.name], eval_records, threads=settings.threads))
+            row_tasks.append(RunTask((demo_method.name, seed), f"{demo_method.label}, seed {seed}", config,
+                                     row_records[demo_method.name], eval_records, threads=settings.threads))
+    # the slowest runs (MISP-DPO: unpacked, plus its gallery selection) first, so both workers finish together
+    tasks += sorted(row_tasks, key=lambda task: task.config.method != "misp_dpo")
     del base  # the workers load the base from its run folder
 
     print(f"[demo] {len(tasks)} runs on {settings.workers} worker process(es): {len(VALUE_PATHS)} library-value "
@@ -481,6 +491,7 @@ def write_report(settings, out, base_row, value, rows, round_, timing, misp_path
     packed, unpacked = value[0], value[1]
     tasks = list(TASKS)
     estimate = timing["main_cpu"] + timing["worker_cpu"] / timing["workers"]
+    reused = "" if settings.base is None else f" (reused from `{settings.base}`)"
     standard_error = (max(base_row["accuracy"] * (1 - base_row["accuracy"]), 0.0) / settings.num_eval) ** 0.5
     text = f"""# prefrank demo: tiny LLaVA on synthetic visual QA
 
@@ -510,7 +521,7 @@ step, {unpacked['peak_mib'] / max(packed['peak_mib'], 1e-9):.2f}× less peak mem
 ## The base and its image ablation
 
 SFT warm-up on the labelled answers, {settings.sft_steps} steps × {settings.batch_size} prompts, lr
-{settings.sft_lr}: held-out exact match **{base_row['accuracy']:.3f}** (binomial standard error about
+{settings.sft_lr}{reused}: held-out exact match **{base_row['accuracy']:.3f}** (binomial standard error about
 {100 * standard_error:.1f} points). With every held-out image replaced by uniform noise:
 **{base_row['noise_accuracy']:.3f}** (chance {base_row['chance']:.3f}).
 
@@ -557,10 +568,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m prefrank.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DemoSettings.out)
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
+    parser.add_argument("--base", help="start from this SFT run folder (a previous demo's runs/demo/sft, same "
+                        "tiny_model) instead of the warm-up")
     parser.add_argument("--workers", type=int, default=DemoSettings.workers,
                         help="worker processes for the independent runs (default: 2)")
     args = parser.parse_args(argv)
-    settings = DemoSettings(out=args.out, workers=args.workers)
+    settings = DemoSettings(out=args.out, workers=args.workers, base=args.base)
     if args.quick:
         settings = replace(settings, **QUICK)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
