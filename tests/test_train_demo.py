@@ -145,8 +145,11 @@ def test_rows_aggregate_over_seeds_with_paired_differences_and_plain_verdicts():
     assert rows["listwise"]["vs_paired"][0] == pytest.approx(0.05 / 3)
     assert rows["listwise"]["per_task"]["color"][0] == pytest.approx(1.4 / 3)
     assert rows["listwise"]["per_task"]["count"][0] != rows["listwise"]["per_task"]["count"][0]  # NaN: no data
-    text = demo.observations({"accuracy": 0.45}, list(rows.values()), 3)
+    text = demo.observations({"accuracy": 0.45}, list(rows.values()), 3, num_eval=256)  # SE ≈ 3.1 points
     smpro_line = next(line for line in text.splitlines() if line.startswith("- SMPRO"))
     listwise_line = next(line for line in text.splitlines() if line.startswith("- listwise"))
-    assert "+10.0 ± 0.0 points, which exceeds the seed spread" in smpro_line
-    assert "does NOT exceed the seed spread" in listwise_line
+    assert "+10.0 ± 0.0 points, which exceeds both the seed spread and the held-out sampling error" in smpro_line
+    assert "+1.7 ± 5.8 points, which does NOT exceed the seed spread" in listwise_line
+    rows["listwise"]["vs_paired"] = (0.02, 0.005)
+    text = demo.observations({"accuracy": 0.45}, list(rows.values()), 3, num_eval=256)
+    assert "+2.0 ± 0.5 points, which exceeds the seed spread but not the held-out sampling error (±3.1" in text
