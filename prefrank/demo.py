@@ -212,6 +212,8 @@ def _worker(connection, task):
 def run_parallel(tasks, workers, on_done):
     """Run every task in its own forked process, at most ``workers`` at a time; ``on_done(task, result)`` as
     each finishes. Returns {task.key: result}. A failed run stops the others and raises with its traceback."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     context = multiprocessing.get_context("fork")
     pending, running, results = list(tasks), {}, {}
     try:
@@ -512,8 +514,9 @@ def write_report(settings, out, base_row, value, rows, round_, timing, misp_path
 
 Everything offline on CPU: a randomly initialised LLaVA (CLIP vision tower + Llama text model, built from
 configs, `tiny_model={settings.tiny_model}`; byte-level BPE tokenizer trained in code on the task's text, one
-token per answer) and procedurally generated 32×32 images (shapes, colours, counts, positions) with templated
-questions. {settings.num_train} training prompts, {settings.num_eval} held-out prompts (different seed).
+token per answer) and procedurally generated 32×32 images (shapes, colours, counts, positions; the processor
+resizes them to the model's input size) with templated questions. {settings.num_train} training prompts,
+{settings.num_eval} held-out prompts (different seed).
 
 ## What prefrank buys: the same SMPRO training, three ways
 
@@ -588,6 +591,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=DemoSettings.workers,
                         help="worker processes for the independent runs (default: 2)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     settings = DemoSettings(out=args.out, workers=args.workers, base=args.base)
     if args.quick:
         settings = replace(settings, **QUICK)

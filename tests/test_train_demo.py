@@ -153,3 +153,11 @@ def test_rows_aggregate_over_seeds_with_paired_differences_and_plain_verdicts():
     rows["listwise"]["vs_paired"] = (0.02, 0.005)
     text = demo.observations({"accuracy": 0.45}, list(rows.values()), 3, num_eval=256)
     assert "+2.0 ± 0.5 points, which exceeds the seed spread but not the held-out sampling error (±3.1" in text
+
+
+def test_workers_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--workers", "0"])
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        demo.run_parallel([], 0, on_done=None)
