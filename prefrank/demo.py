@@ -1,35 +1,57 @@
 """`make demo` / `python -m prefrank.demo`: prefrank end to end, offline, on CPU.
 
-1. SFT warm-up of the tiny LLaVA on the synthetic visual-QA task, stopped early so the base model is right
-   sometimes but not always (the base row).
-2. ONE generation round of that base on every training prompt, shared by every preference row (so every row
-   has the same budget of generated answers; `prefrank/train/selfpref_demo.py`): greedy + sampled answers on
-   the clean image ≻ greedy + sampled answers on SeVa diffusion noise t = 500 ≻ 800 ≻ 950. No row trains on labels.
-3. Each preference method in `DEMO_METHODS` (DPO on SeVa's pair, listwise PL, SMPRO, MISP-DPO) starts from the
-   base with the same steps × prompts, lr and β.
-4. Held-out exact-match accuracy (greedy generation), reward margins, generated answers per prompt, prompts
-   trained on and wall time per method are printed and written to `runs/demo/report.md` with plots.
+1. SFT warm-up of the tiny LLaVA on the synthetic visual-QA task (the base row), and the base's image
+   ablation: its held-out accuracy with every image replaced by uniform noise (chance if it reads the image).
+2. ONE generation round of that base on every training prompt, shared by every label-free row
+   (`prefrank/train/selfpref_demo.py`): greedy + sampled answers on the clean image ≻ answers on SeVa
+   diffusion noise t = 500 ≻ 800 ≻ 950. No label-free row trains on labels.
+3. What the library buys (first section of the report): the same SMPRO run three ways from the base, same
+   seed and data — prefrank kernels + shared-prompt packing, prefrank kernels unpacked, and the pure-PyTorch
+   path (backend "reference": materialised logits + log_softmax, dense sorting network) — loss curves, their
+   largest difference, CPU time per step and peak memory (each path in a fresh process).
+4. Method effects over seeds: every row in `DEMO_METHODS` (DPO, listwise PL, S-DPO, SMPRO, MISP-DPO and the
+   labelled upper bound) starts from the base with the same steps × prompts, lr and β, once per seed in
+   `DemoSettings.seeds`; mean ± sd of held-out exact match (overall and per question kind) and the paired
+   difference to DPO.
+
+Independent runs go to `DemoSettings.workers` forked worker processes (one intra-op thread each); every run
+is a fresh process, so its peak memory is its own. On a terminal the SFT shows a progress bar and the runs a
+bar of their own; in a log (stdout not a terminal) each finished run prints one line.
 
 A new row = a `DemoMethod` whose `build_records(base trainer, train records, settings)` turns the shared round
 (`selfpref_demo.shared_round`) into that method's preference records.
 """
 
 import argparse
+import ctypes
 import json
+import math
+import multiprocessing
+import multiprocessing.connection
 import os
+import random
+import statistics
+import sys
 import time
+import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from prefrank import backend
 from prefrank.train import selfpref_demo
 from prefrank.train.config import TrainConfig
 from prefrank.train.data import TASKS, export_jsonl, synthetic_dataset
-from prefrank.train.loop import Trainer
-from prefrank.train.methods import METHODS, EncodedRecords, gather_logps
-from prefrank.train.model import SequenceScorer
+from prefrank.train.loop import Trainer, exact_match_accuracy
+from prefrank.train.methods import EncodedRecords
+
+VALUE_PATHS = (  # (label, pack_prompts, backend) of the library-value section
+    ("prefrank kernels + packing", "on", "auto"),
+    ("prefrank kernels, unpacked", "off", "auto"),
+    ("pure PyTorch (reference backend)", "off", "reference"),
+)
 
 
 @dataclass
@@ -40,44 +62,39 @@ class DemoSettings:
     batch_size: int = 32
     sft_steps: int = 1200
     sft_lr: float = 3e-3
-    pref_steps: int = 300
+    pref_steps: int = 150
     pref_lr: float = 1e-4
     beta: float = 0.1
-    threads: int = 1  # intra-op threads: on a small shared CPU one thread is by far the fastest
-    tiny_model: dict = field(default_factory=dict)
+    seeds: tuple = (0, 1, 2)  # preference-training seeds (batch order); every row runs once per seed
+    value_steps: int = 20  # steps of each library-value run
+    workers: int = 2  # worker processes for the independent runs (one per core)
+    threads: int = 1  # intra-op threads per process: on a small shared CPU one thread is by far the fastest
+    # the cheapest tiny LLaVA we measured whose SFT base reads the image (1200 × 32 SFT, 256 held-out prompts):
+    # 16×16 input, 4-pixel patches (16 image tokens, as many as the 32/8 default), vision width 64 →
+    # 0.578 held-out, 0.234 with noise images (chance 0.274). The build_tiny_vlm default (32/8, width 32)
+    # reaches 0.418 but 0.266 with noise images: it reads colour only; 32/4 with width 64 reaches 0.758 at
+    # 4.5× the cost (64 image tokens).
+    tiny_model: dict = field(default_factory=lambda: {"image_size": 16, "patch_size": 4, "vision_hidden": 64})
+    base: str | None = None  # a previous demo's SFT run folder (runs/demo/sft) to start from: no warm-up
     round_options: dict = field(default_factory=lambda: dict(selfpref_demo.ROUND_OPTIONS))  # the shared round
+
+
+QUICK = dict(num_train=32, num_eval=16, batch_size=8, sft_steps=3, pref_steps=2, value_steps=3, seeds=(0, 1),
+             round_options=dict(selfpref_demo.QUICK_ROUND_OPTIONS))
 
 
 @dataclass
 class DemoMethod:
     label: str
+    name: str  # run folder and row key
     method: str  # a prefrank.train method name
     build_records: object  # (base Trainer, train records, settings) -> preference records
     overrides: dict = field(default_factory=dict)  # TrainConfig overrides for this row
-
-
-@torch.no_grad()
-def response_logps(trainer, records):
-    """(records × K) summed log-probs of every response under `trainer`'s current policy (K = max responses,
-    missing entries -inf)."""
-    method = METHODS["listwise"]()
-    data = EncodedRecords.build(trainer.vlm, records)
-    scorer = SequenceScorer(trainer.vlm.model).eval()
-    rows = []
-    for start in range(0, len(records), 64):
-        batch = method.build_batch(data, range(start, min(start + 64, len(records))))
-        logps = gather_logps(scorer(batch.inputs, batch.labels), batch.positions)
-        rows.append(logps.masked_fill(batch.positions < 0, float("-inf")))
-    width = max(r.shape[1] for r in rows)
-    return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=float("-inf")) for r in rows])
+    upper_bound: bool = False  # trains on labels: a reference point, not a label-free method
 
 
 DEMO_METHODS = selfpref_demo.demo_rows(DemoMethod)
-
-
-def _first(metrics, *keys):
-    """The first present key: pairwise losses report rewards/margins, listwise ones rewards/margin."""
-    return next((metrics[key] for key in keys if key in metrics), None)
+PAIRED_TO = "dpo"  # every row's paired difference is taken to this row, seed by seed
 
 
 def task_of(record):
@@ -87,219 +104,498 @@ def task_of(record):
     return "other"
 
 
-def per_task_accuracy(trainer):
+def per_task_accuracy(answers, records):
     hits, totals = defaultdict(int), defaultdict(int)
-    for index, answer in trainer.eval_answers.items():
-        record = trainer.eval_data.records[index]
+    for index, answer in answers.items():
+        record = records[index]
         totals[task_of(record)] += 1
         hits[task_of(record)] += answer.strip().strip(".").lower() == record.target.lower()
     return {task: hits[task] / totals[task] for task in totals}
 
 
-def malformed_answers(trainer):
-    """(fraction of held-out greedy answers that are none of the task's answers, fraction that START with the
-    gold answer): a right word followed by more tokens means the end-of-answer token lost probability."""
+def malformed_fraction(answers):
+    """Fraction of held-out greedy answers that are none of the task's answers."""
     vocabulary = {answer.lower() for _, answers in TASKS.values() for answer in answers}
-    answers = {i: a.strip().strip(".").lower() for i, a in trainer.eval_answers.items()}
-    records = trainer.eval_data.records
-    return (sum(a not in vocabulary for a in answers.values()) / len(answers),
-            sum(a.startswith(records[i].target.lower()) for i, a in answers.items()) / len(answers))
+    return sum(a.strip().strip(".").lower() not in vocabulary for a in answers.values()) / max(1, len(answers))
 
 
-def _train(settings, method, out, train_records, eval_records, **overrides):
-    config = TrainConfig(method=method, out=str(out), batch_size=settings.batch_size, progress=True,
-                         tiny_model=settings.tiny_model, log_every=5, **overrides)
-    started = time.perf_counter()
-    trainer = Trainer(config, train_records=train_records, eval_records=eval_records)
-    summary = trainer.train()
-    summary["wall_seconds"] = time.perf_counter() - started
-    summary["per_task"] = per_task_accuracy(trainer)
-    summary["malformed"], summary["gold_prefix"] = malformed_answers(trainer)
-    return trainer, summary
+def noise_image_ablation(trainer, eval_records, seed=0):
+    """Held-out accuracy (overall, per task) of ``trainer``'s policy with every image replaced by uniform noise,
+    and chance (the mean of 1 / number of answers of each question's kind)."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    noisy = [replace(r, image=Image.frombytes("RGB", r.image.size, rng.randbytes(3 * r.image.width * r.image.height)))
+             for r in eval_records]
+    data = EncodedRecords.build(trainer.vlm, noisy)
+    accuracy, answers = exact_match_accuracy(trainer.vlm, data, trainer.state, trainer.config.eval_batch_size,
+                                             trainer.config.max_new_tokens)
+    chance = sum(1 / len(r.responses) for r in eval_records) / len(eval_records)
+    return accuracy, per_task_accuracy(answers, noisy), chance
+
+
+# -------------------------------------------------------------------------------------------- worker runs
+
+
+@dataclass
+class RunTask:
+    key: tuple  # ("value", path label) or (row name, seed)
+    label: str
+    config: TrainConfig
+    train_records: list
+    eval_records: list
+    backend: str = "auto"
+    measure: bool = False  # per-step CPU time and peak memory (library-value runs)
+    threads: int = 1
+
+
+def _status_kib(field_name):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def _run(task):
+    """One training run in this (fresh, forked) process; returns a small picklable summary."""
+    torch.set_num_threads(task.threads)
+    steps = []
+    memory = {}
+    if task.measure:
+        # glibc returns every large freed block at once, so the resident set tracks what is live (as in
+        # benchmarks/run.py); the high-water mark is reset once the model and data are built
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    with backend.use_backend(task.backend):
+        trainer = Trainer(task.config, train_records=task.train_records, eval_records=task.eval_records)
+        if task.measure:
+            Path("/proc/self/clear_refs").write_text("5")
+            memory["base_kib"] = _status_kib("VmRSS")
+
+        def on_step_end(step):
+            steps.append(time.process_time())
+            if task.measure:
+                memory["peak_kib"] = _status_kib("VmHWM")
+
+        trainer.on_step_end = on_step_end
+        started_cpu = time.process_time()
+        summary = trainer.train()
+    metrics = [json.loads(line) for line in (Path(task.config.out) / "metrics.jsonl").read_text().splitlines()]
+    step_cpu = [b - a for a, b in zip([started_cpu, *steps], steps)]
+    result = {"accuracy": summary["eval_accuracy"], "losses": [m["loss"] for m in metrics if "loss" in m],
+              "final_metrics": summary["final_metrics"], "step_cpu": step_cpu, "train_prompts": len(trainer.train_data),
+              "extra_generated": 0 if trainer.self_generator is None else trainer.self_generator.generated_answers}
+    if task.eval_records:
+        result["per_task"] = per_task_accuracy(trainer.eval_answers, task.eval_records)
+        result["malformed"] = malformed_fraction(trainer.eval_answers)
+    if task.measure:
+        result["peak_mib"] = (memory["peak_kib"] - memory["base_kib"]) / 1024
+    return result
+
+
+def _worker(connection, task):
+    log = open(Path(task.config.out).parent / f"{Path(task.config.out).name}.log", "w")
+    sys.stdout = sys.stderr = log
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    started_wall, started_cpu = time.perf_counter(), time.process_time()
+    try:
+        result = _run(task)
+        result.update(wall_seconds=time.perf_counter() - started_wall, cpu_seconds=time.process_time() - started_cpu)
+        connection.send(("ok", result))
+    except BaseException:  # reported to the parent, which stops the demo with the traceback
+        connection.send(("error", traceback.format_exc()))
+    finally:
+        log.flush()
+        connection.close()
+
+
+def run_parallel(tasks, workers, on_done):
+    """Run every task in its own forked process, at most ``workers`` at a time; ``on_done(task, result)`` as
+    each finishes. Returns {task.key: result}. A failed run stops the others and raises with its traceback."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    context = multiprocessing.get_context("fork")
+    pending, running, results = list(tasks), {}, {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                task = pending.pop(0)
+                Path(task.config.out).parent.mkdir(parents=True, exist_ok=True)
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_worker, args=(sender, task), daemon=True)
+                process.start()
+                sender.close()
+                running[receiver] = (process, task)
+            for receiver in multiprocessing.connection.wait(list(running)):
+                process, task = running.pop(receiver)
+                try:
+                    status, payload = receiver.recv()
+                except EOFError:
+                    status, payload = "error", f"the worker process exited with code {process.exitcode}"
+                process.join()
+                if status != "ok":
+                    raise RuntimeError(f"demo run {task.label!r} failed (log: {task.config.out}.log):\n{payload}")
+                results[task.key] = payload
+                on_done(task, payload)
+    finally:
+        for process, _ in running.values():
+            process.terminate()
+            process.join()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- the demo
+
+
+def _config(settings, method, out, **overrides):
+    return TrainConfig(method=method, out=str(out), batch_size=settings.batch_size, progress=False,
+                       tiny_model=settings.tiny_model, log_every=1, overwrite=True, **overrides)
 
 
 def run_demo(settings, methods=None):
     methods = DEMO_METHODS if methods is None else methods
+    interactive = sys.stdout.isatty()
+    if not interactive:  # a log file gets one line per step of the demo, not carriage-return progress bars
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     torch.set_num_threads(settings.threads)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started_wall, started_cpu = time.perf_counter(), time.process_time()
     train_records = synthetic_dataset(settings.num_train, seed=1)
     eval_records = synthetic_dataset(settings.num_eval, seed=2)
     export_jsonl(eval_records, out / "data" / "heldout.jsonl")
 
-    print(f"[demo] SFT warm-up: {settings.sft_steps} steps × {settings.batch_size} prompts", flush=True)
-    base, base_summary = _train(settings, "sft", out / "sft", train_records, eval_records,
-                                steps=settings.sft_steps, lr=settings.sft_lr, warmup_steps=10)
-    rows = [{"label": "base (SFT warm-up)", "method": "sft", "accuracy": base_summary["eval_accuracy"],
-             "per_task": base_summary["per_task"], "malformed": base_summary["malformed"],
-             "gold_prefix": base_summary["gold_prefix"], "margin": None, "reward_accuracy": None,
-             "heldout_margin": None, "heldout_reward_accuracy": None, "generated_per_prompt": None,
-             "train_prompts": len(train_records), "seconds": base_summary["wall_seconds"], "run": "sft"}]
-    # one held-out yardstick for every row: β·log-ratio vs the base of the labelled answers (evaluation only)
-    base_logps = response_logps(base, eval_records)
+    sft_config = replace(_config(settings, "sft", out / "sft", steps=settings.sft_steps, lr=settings.sft_lr,
+                                 warmup_steps=10), progress=interactive, log_every=10)
+    sft_started, sft_cpu = time.perf_counter(), time.process_time()
+    if settings.base is None:
+        print(f"[demo] SFT warm-up: {settings.sft_steps} steps × {settings.batch_size} prompts", flush=True)
+        base = Trainer(sft_config, train_records=train_records, eval_records=eval_records)
+        accuracy = base.train()["eval_accuracy"]
+        init = str(out / "sft")
+    else:  # a previous warm-up: the model it saved, evaluated again (nothing is trained)
+        print(f"[demo] base: the SFT run in {settings.base} (no warm-up)", flush=True)
+        base = Trainer(replace(sft_config, init=settings.base, out=str(out / "base")), train_records=train_records,
+                       eval_records=eval_records)
+        accuracy, init = base.evaluate(), settings.base
+    base_row = {"accuracy": accuracy, "seconds": time.perf_counter() - sft_started,
+                "per_task": per_task_accuracy(base.eval_answers, eval_records),
+                "malformed": malformed_fraction(base.eval_answers)}
+    base_row["cpu_seconds"] = time.process_time() - sft_cpu
+    base_row["noise_accuracy"], base_row["noise_per_task"], base_row["chance"] = noise_image_ablation(
+        base, eval_records)
+    print(f"[demo] base: held-out exact match {base_row['accuracy']:.3f}, with noise images "
+          f"{base_row['noise_accuracy']:.3f} (chance {base_row['chance']:.3f}), {base_row['seconds']:.0f} s",
+          flush=True)
+
     print(f"[demo] shared generation round of the base on {len(train_records)} prompts", flush=True)
+    round_cpu = time.process_time()
     round_ = selfpref_demo.shared_round(base, train_records, settings)
+    round_cpu = time.process_time() - round_cpu
     print(f"[demo] {len(round_.records)}/{len(train_records)} prompts have a negative group; "
           f"{round_.generated_answers / len(train_records):.2f} answers generated per prompt "
           f"({round_.seconds:.0f} s)", flush=True)
+
+    shared = dict(lr=settings.pref_lr, beta=settings.beta, warmup_steps=5, init=init)
+    smpro_records = selfpref_demo.ranked_lists(base, train_records, settings)
+    tasks = [RunTask(("value", label), f"value: SMPRO, {label}",
+                     _config(settings, "smpro", out / "value" / f"path{i}", steps=settings.value_steps,
+                             pack_prompts=pack, **shared),
+                     smpro_records, [], backend=impl, measure=True, threads=settings.threads)
+             for i, (label, pack, impl) in enumerate(VALUE_PATHS)]
+    row_records = {}
     for demo_method in methods:
-        print(f"[demo] {demo_method.label}: {settings.pref_steps} steps from the SFT base", flush=True)
-        method_started = time.perf_counter()
-        records = demo_method.build_records(base, train_records, settings)
-        export_jsonl(records, out / "data" / f"{demo_method.method}.jsonl")
-        overrides = dict(steps=settings.pref_steps, lr=settings.pref_lr, beta=settings.beta, warmup_steps=5,
-                         init=str(out / "sft"), **demo_method.overrides)
-        trainer, summary = _train(settings, demo_method.method, out / demo_method.method, records,
-                                  eval_records, **overrides)
-        final = summary["final_metrics"]
-        seconds = time.perf_counter() - method_started
-        heldout_margin, heldout_accuracy = selfpref_demo.heldout_reward_margin(
-            response_logps, trainer, base_logps, eval_records, settings.beta)
-        generated = selfpref_demo.generated_answers(round_, trainer)
-        rows.append({"label": demo_method.label, "method": demo_method.method,
-                     "accuracy": summary["eval_accuracy"], "per_task": summary["per_task"],
-                     "malformed": summary["malformed"], "gold_prefix": summary["gold_prefix"],
-                     "margin": _first(final, "rewards/margins", "rewards/margin"),
-                     "reward_accuracy": _first(final, "rewards/accuracies", "rewards/ranking_accuracy"),
-                     "chosen_reward": final.get("rewards/chosen"),
-                     "rejected_reward": final.get("rewards/rejected"),
-                     "heldout_margin": heldout_margin, "heldout_reward_accuracy": heldout_accuracy,
-                     "generated_per_prompt": generated / len(train_records),
-                     "train_prompts": len(trainer.train_data), "seconds": seconds, "run": demo_method.method})
-    total = time.perf_counter() - started
-    table = format_table(rows)
-    print("\n" + table + f"\n\ntotal wall time {total:.0f} s ({settings.threads} thread(s))", flush=True)
-    plot_demo(rows, out)
-    write_report(rows, table, observations(rows), total, settings, out)
-    with open(out / "report.md", "a") as report:
-        report.write("\n" + selfpref_demo.report_section(out, round_) + "\n")
+        row_records[demo_method.name] = demo_method.build_records(base, train_records, settings)
+        export_jsonl(row_records[demo_method.name], out / "data" / f"{demo_method.name}.jsonl")
+    row_tasks = []
+    for seed in settings.seeds:
+        for demo_method in methods:
+            config = _config(settings, demo_method.method, out / "runs" / demo_method.name / f"seed{seed}",
+                             steps=settings.pref_steps, seed=seed, **{**shared, **demo_method.overrides})
+            row_tasks.append(RunTask((demo_method.name, seed), f"{demo_method.label}, seed {seed}", config,
+                                     row_records[demo_method.name], eval_records, threads=settings.threads))
+    # the slowest runs (MISP-DPO: unpacked, plus its gallery selection) first, so both workers finish together
+    tasks += sorted(row_tasks, key=lambda task: task.config.method != "misp_dpo")
+    del base  # the workers load the base from its run folder
+
+    print(f"[demo] {len(tasks)} runs on {settings.workers} worker process(es): {len(VALUE_PATHS)} library-value "
+          f"runs ({settings.value_steps} steps), {len(methods)} rows × {len(settings.seeds)} seeds "
+          f"({settings.pref_steps} steps × {settings.batch_size} prompts each)", flush=True)
+    bar = None
+    if interactive:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), desc="runs", dynamic_ncols=True)
+
+    def on_done(task, result):
+        accuracy = "" if result["accuracy"] is None else f"held-out exact match {result['accuracy']:.3f}, "
+        line = f"[demo] done: {task.label}: {accuracy}{result['wall_seconds']:.0f} s"
+        if bar is None:
+            print(line, flush=True)
+        else:
+            bar.write(line)
+            bar.update(1)
+
+    results = run_parallel(tasks, settings.workers, on_done)
+    if bar is not None:
+        bar.close()
+    value = [{"label": label, "pack_prompts": pack, "backend": impl, **results[("value", label)]}
+             for label, pack, impl in VALUE_PATHS]
+    rows = aggregate_rows(methods, settings.seeds, results)
+    timing = {"wall": time.perf_counter() - started_wall, "main_cpu": time.process_time() - started_cpu,
+              "worker_cpu": sum(r["cpu_seconds"] for r in results.values()), "workers": settings.workers,
+              "sft_cpu": base_row["cpu_seconds"], "round_cpu": round_cpu,
+              "run_cpu": {f"{task.key[0]}/{task.key[1]}": results[task.key]["cpu_seconds"] for task in tasks}}
+    misp_path = out / "runs" / "misp_dpo" / f"seed{settings.seeds[0]}" / "selfpref" / "misp_negatives.json"
+    report = write_report(settings, out, base_row, value, rows, round_, timing, misp_path)
+    print("\n" + report.split("\n## The shared generation round")[0], flush=True)
+    return {"base": base_row, "value": value, "rows": rows, "timing": timing}
+
+
+def _mean_sd(values):
+    """(mean, sample standard deviation); NaN in, NaN out (a question kind a run never saw)."""
+    values = list(values)
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+
+
+def aggregate_rows(methods, seeds, results):
+    """Per row: accuracies per seed, mean ± sd overall and per question kind, and the paired difference (same
+    seed) to the `PAIRED_TO` row."""
+    rows = []
+    reference = {seed: results[(PAIRED_TO, seed)]["accuracy"] for seed in seeds} if any(
+        m.name == PAIRED_TO for m in methods) else None
+    for demo_method in methods:
+        runs = [results[(demo_method.name, seed)] for seed in seeds]
+        accuracies = [run["accuracy"] for run in runs]
+        row = {"label": demo_method.label, "name": demo_method.name, "method": demo_method.method,
+               "upper_bound": demo_method.upper_bound, "accuracies": accuracies, "accuracy": _mean_sd(accuracies),
+               "per_task": {task: _mean_sd(run["per_task"].get(task, float("nan")) for run in runs)
+                            for task in TASKS},
+               "malformed": _mean_sd(run["malformed"] for run in runs),
+               "train_prompts": runs[0]["train_prompts"],
+               "extra_generated": runs[0]["extra_generated"],
+               "seconds": _mean_sd(run["wall_seconds"] for run in runs)}
+        if reference is not None:
+            row["vs_paired"] = _mean_sd(a - reference[seed] for a, seed in zip(accuracies, seeds))
+        rows.append(row)
     return rows
 
 
-def observations(rows):
-    """Plain statements read off the numbers (no claim the numbers do not support)."""
-    base = rows[0]["accuracy"]
-    lines = []
-    for row in rows[1:]:
-        change = 100 * (row["accuracy"] - base)
-        line = f"- {row['label']}: held-out accuracy {change:+.1f} points vs the base"
-        if row["malformed"] > rows[0]["malformed"]:
-            line += (f"; {100 * row['malformed']:.1f}% of its held-out answers are none of the task's answers "
-                     f"(base {100 * rows[0]['malformed']:.1f}%), and {100 * row['gold_prefix']:.1f}% start with "
-                     f"the gold answer (base {100 * rows[0]['gold_prefix']:.1f}%)")
-        if row.get("chosen_reward") is not None and row["chosen_reward"] < 0:
-            line += (f"; the chosen answers' implicit reward ended NEGATIVE ({row['chosen_reward']:.3f}, "
-                     f"rejected {row['rejected_reward']:.3f}): the margin grew by pushing both likelihoods "
-                     "down (likelihood displacement), which frees probability mass for answers that are in "
-                     "neither pair")
-        lines.append(line + ".")
+# --------------------------------------------------------------------------------------------- the report
+
+
+def _pm(mean_sd, digits=3):
+    return f"{mean_sd[0]:.{digits}f} ± {mean_sd[1]:.{digits}f}"
+
+
+def value_table(value, steps):
+    """The library-value rows: max |Δloss| to the packed path, CPU ms per step, peak MiB and their ratios."""
+    first = value[0]
+    reference = value[-1]
+    lines = [f"| path | max \\|Δ loss\\| vs packed, steps 1–{steps} | CPU ms / step (median) | × vs pure PyTorch | "
+             "peak MiB (training) | × vs pure PyTorch |", "|---|---|---|---|---|---|"]
+    for path in value:
+        delta = max(abs(a - b) for a, b in zip(path["losses"][:steps], first["losses"][:steps]))
+        step_ms = 1000 * statistics.median(path["step_cpu"][1:] or path["step_cpu"])
+        reference_ms = 1000 * statistics.median(reference["step_cpu"][1:] or reference["step_cpu"])
+        lines.append(f"| {path['label']} | {delta:.2e} | {step_ms:.1f} | {reference_ms / step_ms:.2f}× faster | "
+                     f"{path['peak_mib']:.1f} | {reference['peak_mib'] / max(path['peak_mib'], 1e-9):.2f}× less |")
+        path["max_delta"], path["step_ms"] = delta, step_ms
     return "\n".join(lines)
 
 
-def format_table(rows):
+def method_table(base_row, rows):
     tasks = list(TASKS)
-    header = ["method", "held-out exact match", *tasks, "malformed answers", "reward margin", "reward acc.",
-              "held-out margin", "held-out reward acc.", "generated answers / prompt", "prompts trained on",
-              "wall time (s)"]
+    header = ["row", "held-out exact match (mean ± sd)", *tasks, f"− {PAIRED_TO.upper()} (paired, mean ± sd)",
+              "malformed answers", "prompts trained on", "wall s / run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.append("| " + " | ".join(["base (SFT warm-up, one run)", f"{base_row['accuracy']:.3f}",
+                                    *(f"{base_row['per_task'].get(t, float('nan')):.2f}" for t in tasks), "–",
+                                    f"{base_row['malformed']:.2f}", "–", f"{base_row['seconds']:.0f}"]) + " |")
     for row in rows:
-        cells = [row["label"], f"{row['accuracy']:.3f}",
-                 *(f"{row['per_task'].get(t, float('nan')):.2f}" for t in tasks), f"{row['malformed']:.2f}",
-                 "–" if row["margin"] is None else f"{row['margin']:.3f}",
-                 "–" if row["reward_accuracy"] is None else f"{row['reward_accuracy']:.2f}",
-                 "–" if row["heldout_margin"] is None else f"{row['heldout_margin']:.3f}",
-                 "–" if row["heldout_reward_accuracy"] is None else f"{row['heldout_reward_accuracy']:.2f}",
-                 "–" if row["generated_per_prompt"] is None else f"{row['generated_per_prompt']:.2f}",
-                 str(row["train_prompts"]), f"{row['seconds']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        paired = "–" if row["name"] == PAIRED_TO or "vs_paired" not in row else _pm(row["vs_paired"])
+        lines.append("| " + " | ".join([row["label"], _pm(row["accuracy"]),
+                                        *(_pm(row["per_task"][t], 2) for t in tasks), paired,
+                                        _pm(row["malformed"], 2), str(row["train_prompts"]),
+                                        f"{row['seconds'][0]:.0f}"]) + " |")
     return "\n".join(lines)
 
 
-def plot_demo(rows, out):
+def _verdict(difference, spread, sampling_error):
+    """Words for a difference (mean, sd over seeds) in accuracy; ``sampling_error``: the held-out set's binomial
+    standard error of one accuracy."""
+    if difference == 0 or abs(difference) <= 2 * spread:
+        return "does NOT exceed the seed spread (no evidence of a difference)"
+    if abs(difference) < sampling_error:
+        return (f"exceeds the seed spread but not the held-out sampling error (±{100 * sampling_error:.1f} "
+                "points): consistent on these prompts, not evidence beyond them")
+    return f"exceeds both the seed spread and the held-out sampling error (±{100 * sampling_error:.1f} points)"
+
+
+def observations(base_row, rows, num_seeds, num_eval):
+    """Plain statements read off the numbers: a difference "exceeds the seed spread" when its mean is more
+    than twice its standard deviation over the seeds; it is also set against the held-out set's binomial
+    standard error (the same prompts for every run, so the seeds do not sample it)."""
+    accuracy = base_row["accuracy"]
+    sampling_error = (max(accuracy * (1 - accuracy), 0.0) / num_eval) ** 0.5
+    lines = []
+    for row in rows:
+        mean, sd = row["accuracy"]
+        change = mean - accuracy
+        line = (f"- {row['label']}: {100 * mean:.1f} ± {100 * sd:.1f} held-out exact match, {100 * change:+.1f} "
+                f"points vs the base, which {_verdict(change, sd, sampling_error)}")
+        if row["name"] != PAIRED_TO and "vs_paired" in row:
+            diff, diff_sd = row["vs_paired"]
+            line += (f"; vs {PAIRED_TO.upper()} seed by seed {100 * diff:+.1f} ± {100 * diff_sd:.1f} points, which "
+                     f"{_verdict(diff, diff_sd, sampling_error)}")
+        lines.append(line + ".")
+    lines.append(f"- Rule: a difference exceeds the seed spread when |mean| > 2 sd over the {num_seeds} seeds. Every "
+                 "seed shares the base, the shared round and the held-out set, so that spread is the preference "
+                 "training order's alone; the base is one run.")
+    return "\n".join(lines)
+
+
+def plot_demo(out, base_row, value, rows, steps):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    axes[0].bar([r["label"] for r in rows], [r["accuracy"] for r in rows], color="tab:blue")
-    axes[0].set_title("held-out exact-match accuracy")
-    axes[0].tick_params(axis="x", labelrotation=15, labelsize=7)
-    for row in rows[1:]:
-        metrics = [json.loads(line) for line in (out / row["run"] / "metrics.jsonl").read_text().splitlines()]
-        steps = [m["step"] for m in metrics if "loss" in m]
-        axes[1].plot(steps, [m["loss"] for m in metrics if "loss" in m], label=row["label"])
-        margins = [_first(m, "rewards/margins", "rewards/margin") for m in metrics if "loss" in m]
-        axes[2].plot(steps, [float("nan") if v is None else v for v in margins],
-                     label=row["label"])
-    for axis, title in ((axes[1], "preference loss"), (axes[2], "reward margin (chosen − rejected)")):
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+    for path, style in zip(value, ("-", "--", ":")):
+        axes[0].plot(range(1, len(path["losses"]) + 1), path["losses"], style, label=path["label"])
+    axes[0].set_title(f"SMPRO loss, same run three ways ({steps} steps)")
+    axes[0].set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    names = [p["label"].replace(" (reference backend)", "\n(reference)").replace(", ", ",\n") for p in value]
+    reference = value[-1]
+    axes[1].bar(names, [reference["step_ms"] / p["step_ms"] for p in value], color="tab:green")
+    axes[1].set_title("speed vs pure PyTorch (×, CPU time / step)")
+    axes[1].tick_params(axis="x", labelsize=7)
+    axes[2].bar(names, [reference["peak_mib"] / max(p["peak_mib"], 1e-9) for p in value], color="tab:purple")
+    axes[2].set_title("peak memory vs pure PyTorch (× less)")
+    axes[2].tick_params(axis="x", labelsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "value.png", dpi=110)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(9, 3.6))
+    labels = ["base"] + [r["label"].split(" (")[0].replace("upper bound: ", "upper bound:\n") for r in rows]
+    means = [base_row["accuracy"]] + [r["accuracy"][0] for r in rows]
+    errors = [0.0] + [r["accuracy"][1] for r in rows]
+    axis.bar(labels, means, yerr=errors, capsize=4, color=["tab:gray"] + ["tab:blue"] * len(rows))
+    axis.axhline(base_row["chance"], color="black", linestyle=":", linewidth=1, label="chance")
+    axis.set_title("held-out exact match, mean ± sd over seeds")
+    axis.tick_params(axis="x", labelsize=7)
+    axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "demo.png", dpi=110)
     plt.close(figure)
 
 
-def write_report(rows, table, notes, total, settings, out):
-    base = rows[0]["accuracy"]
-    standard_error = (max(base * (1 - base), 0.0) / settings.num_eval) ** 0.5
-    runs = "\n".join(f"- `{row['run']}/`: metrics.jsonl, training.png, final/ (HF model folder)"
-                     for row in rows)
+def _cells(per_task, tasks):
+    return " | ".join(f"{per_task.get(task, float('nan')):.2f}" for task in tasks)
+
+
+def write_report(settings, out, base_row, value, rows, round_, timing, misp_path):
+    table = value_table(value, settings.value_steps)
+    plot_demo(out, base_row, value, rows, settings.value_steps)
+    packed, unpacked = value[0], value[1]
+    tasks = list(TASKS)
+    estimate = timing["main_cpu"] + timing["worker_cpu"] / timing["workers"]
+    reused = "" if settings.base is None else f" (reused from `{settings.base}`)"
+    standard_error = (max(base_row["accuracy"] * (1 - base_row["accuracy"]), 0.0) / settings.num_eval) ** 0.5
     text = f"""# prefrank demo: tiny LLaVA on synthetic visual QA
 
 Everything offline on CPU: a randomly initialised LLaVA (CLIP vision tower + Llama text model, built from
-configs; byte-level BPE tokenizer trained in code on the task's text, one token per answer) and
-procedurally generated 32×32 images (shapes, colours, counts, positions) with templated questions.
-{settings.num_train} training prompts, {settings.num_eval} held-out prompts (different seed). Accuracy =
-exact match of the greedy answer on the held-out prompts; its binomial standard error at this size is
-about {100 * standard_error:.1f} points. Each row is ONE training run: runs are bit-reproducible on one
-machine, but a different float summation order (another log-prob kernel, thread count or CPU) changes the
-trajectory, and in our runs that alone moved the DPO row by several points (see README.md, "Reference trainer").
+configs, `tiny_model={settings.tiny_model}`; byte-level BPE tokenizer trained in code on the task's text, one
+token per answer) and procedurally generated 32×32 images (shapes, colours, counts, positions; the processor
+resizes them to the model's input size) with templated questions. {settings.num_train} training prompts,
+{settings.num_eval} held-out prompts (different seed).
 
-- **base**: SFT warm-up on the labelled answers, {settings.sft_steps} steps × {settings.batch_size} prompts,
-  lr {settings.sft_lr}.
-- **every preference row**: from the base, {settings.pref_steps} steps × {settings.batch_size} prompts,
-  lr {settings.pref_lr}, β = {settings.beta}, on label-free data from ONE generation round of the base shared
-  by all rows (see the section below): "generated answers / prompt" counts the answers the base generated for
-  that row's data (the shared round, plus MISP-DPO's gallery checks), over the {settings.num_train} training
-  prompts; "prompts trained on" = the prompts whose round has a contrast (a negative group). Reward margin /
-  accuracy: each loss's own metric, mean over the last 10% of the training steps. Held-out margin / reward
-  acc.: implicit reward β·(log π − log π_base) of every labelled answer of the held-out prompts on the clean
-  image; margin = r(gold) − mean r(wrong), reward acc. = fraction of prompts with r(gold) above every r(wrong):
-  one yardstick for every row. "malformed answers": fraction of the held-out greedy answers that are none of
-  the task's answers (typically the right word followed by more tokens). A row's wall time includes building
-  its data but not the shared round.
+## What prefrank buys: the same SMPRO training, three ways
+
+The same SMPRO run ({settings.value_steps} steps × {settings.batch_size} prompts from the SFT base, same seed,
+data and lr) with prefrank's kernels and shared-prompt packing (each prompt and its image once for all of
+its answers), with prefrank's kernels unpacked (one row per answer), and on the pure-PyTorch path (backend
+"reference": materialised logits + log_softmax, dense sorting network, unpacked). Each path runs in a fresh
+process with one thread; step time = median CPU time per step (steps 2–{settings.value_steps}; CPU time, not
+wall time, so other load on the machine does not enter); peak = resident-set high-water mark during training
+minus the resident set before it (model, optimizer and data already built).
 
 {table}
 
-Total wall time {total:.0f} s with {settings.threads} intra-op thread(s).
+Packed vs unpacked (both prefrank kernels, issue 14): {unpacked['step_ms'] / packed['step_ms']:.2f}× faster per
+step, {unpacked['peak_mib'] / max(packed['peak_mib'], 1e-9):.2f}× less peak memory. The loss curves agree to
+{max(p['max_delta'] for p in value):.1e} over the {settings.value_steps} steps (float32 summation order only).
 
-Observations (generated from the numbers above):
-{notes}
+![value](value.png)
+
+## The base and its image ablation
+
+SFT warm-up on the labelled answers, {settings.sft_steps} steps × {settings.batch_size} prompts, lr
+{settings.sft_lr}{reused}: held-out exact match **{base_row['accuracy']:.3f}** (binomial standard error about
+{100 * standard_error:.1f} points). With every held-out image replaced by uniform noise:
+**{base_row['noise_accuracy']:.3f}** (chance {base_row['chance']:.3f}).
+
+| | overall | {' | '.join(tasks)} |
+|---|---|{'---|' * len(tasks)}
+| clean images | {base_row['accuracy']:.3f} | {_cells(base_row['per_task'], tasks)} |
+| noise images | {base_row['noise_accuracy']:.3f} | {_cells(base_row['noise_per_task'], tasks)} |
+
+## Method effects over {len(settings.seeds)} seeds
+
+Every row starts from the base with {settings.pref_steps} steps × {settings.batch_size} prompts, lr
+{settings.pref_lr}, β = {settings.beta}, once per seed {list(settings.seeds)} (the seed sets the batch order;
+the base, the shared generation round and the held-out set are the same for every seed). No per-method
+tuning. The label-free rows train on the shared round of the base (next section); the upper-bound row trains on
+the labels and is a reference point, not a competitor. Paired difference: the row's accuracy minus DPO's
+accuracy with the same seed, mean ± sd over seeds.
+
+{method_table(base_row, rows)}
+
+What the differences show (generated from the numbers above):
+{observations(base_row, rows, len(settings.seeds), settings.num_eval)}
 
 ![demo](demo.png)
 
-Runs: {out}/
-{runs}
-- `data/`: the held-out set and each method's preference data as JSONL + PNG (re-runnable with
-  `python -m prefrank.train --data …`); `data/shared_round.jsonl`: the shared round with every raw
-  generation in `meta` (usable as `selfpref.cache`).
+## Time
+
+Total wall time {timing['wall']:.0f} s ({timing['workers']} worker process(es), {settings.threads} thread(s)
+each). CPU time: {timing['main_cpu']:.0f} s in the main process (SFT, round, ablation) + {timing['worker_cpu']:.0f} s
+in the workers, i.e. about {estimate:.0f} s of wall time on {timing['workers']} otherwise idle core(s).
+
+Runs: `{out}/sft/` (base), `{out}/value/` (library-value runs), `{out}/runs/<row>/seed<k>/` (metrics.jsonl,
+training.png, final/), `<run>.log` next to each run; `data/`: the held-out set and each row's preference data
+as JSONL + PNG (`python -m prefrank.train --data …`), `data/shared_round.jsonl`: the shared round.
+
+{selfpref_demo.report_section(round_, misp_path)}
 """
     (out / "report.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps({"base": base_row, "value": value, "rows": rows, "timing": timing},
+                                                 indent=2, default=str))
+    return text
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m prefrank.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DemoSettings.out)
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
+    parser.add_argument("--base", help="start from this SFT run folder (a previous demo's runs/demo/sft, same "
+                        "tiny_model) instead of the warm-up")
+    parser.add_argument("--workers", type=int, default=DemoSettings.workers,
+                        help="worker processes for the independent runs (default: 2)")
     args = parser.parse_args(argv)
-    settings = DemoSettings(out=args.out)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    settings = DemoSettings(out=args.out, workers=args.workers, base=args.base)
     if args.quick:
-        settings = replace(settings, num_train=32, num_eval=16, batch_size=8, sft_steps=3, pref_steps=2,
-                           round_options=dict(selfpref_demo.QUICK_ROUND_OPTIONS))
+        settings = replace(settings, **QUICK)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return run_demo(settings)
 

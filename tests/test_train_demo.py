@@ -1,5 +1,6 @@
-"""`python -m prefrank.demo --quick`: the whole demo pipeline on a few steps (table, report, plots, data), and
-the rows' data: every preference row built from ONE shared generation round of the base."""
+"""`python -m prefrank.demo --quick`: the whole demo pipeline on a few steps (library-value section, base
+ablation, every row over seeds, report, plots, data, one log line per run), and the rows' data: every
+label-free row built from ONE shared generation round of the base."""
 
 import json
 from dataclasses import replace
@@ -8,7 +9,7 @@ import pytest
 
 from prefrank import demo
 from prefrank.train import selfpref_demo
-from prefrank.train.data import synthetic_dataset
+from prefrank.train.data import TASKS, synthetic_dataset
 from prefrank.train.preference_groups import GroupRecord, build_groups
 from prefrank.train.selfpref import records_from_groups
 
@@ -16,15 +17,42 @@ VIEWS = ["diffusion@500", "diffusion@800", "diffusion@950"]
 
 
 def test_demo_quick_writes_report_table_and_plots(tmp_path, capsys):
-    rows = demo.main(["--quick", "--out", str(tmp_path)])
-    assert [row["method"] for row in rows] == ["sft"] + [m.method for m in demo.DEMO_METHODS]
-    assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows)
+    result = demo.main(["--quick", "--out", str(tmp_path)])
+    seeds = demo.QUICK["seeds"]
+    rows = result["rows"]
+    assert [row["name"] for row in rows] == [m.name for m in demo.DEMO_METHODS]
+    assert [row["upper_bound"] for row in rows] == [False] * 5 + [True]
+    for row in rows:
+        assert len(row["accuracies"]) == len(seeds) and all(0.0 <= a <= 1.0 for a in row["accuracies"])
+        assert row["accuracy"][0] == pytest.approx(sum(row["accuracies"]) / len(seeds))
+        assert set(row["per_task"]) == set(TASKS)
+    dpo = next(row for row in rows if row["name"] == "dpo")
+    assert dpo["vs_paired"] == (0.0, 0.0)
+
+    # the library-value runs: same losses on the three paths (float tolerance), time and memory measured
+    value = result["value"]
+    assert [path["label"] for path in value] == [label for label, _, _ in demo.VALUE_PATHS]
+    for path in value:
+        assert len(path["losses"]) == demo.QUICK["value_steps"] == len(path["step_cpu"])
+        assert path["max_delta"] < 1e-4 and path["step_ms"] > 0 and path["peak_mib"] > 0
+    assert value[0]["max_delta"] == 0.0
+
+    base = result["base"]
+    assert 0.0 <= base["noise_accuracy"] <= 1.0 and 0.2 < base["chance"] < 0.4
+
     report = (tmp_path / "report.md").read_text()
-    assert "| base (SFT warm-up) |" in report and "| DPO (one pair / prompt) |" in report
-    assert "generated answers / prompt" in report and "malformed answers" in report
-    assert "## The shared generation round" in report
-    assert (tmp_path / "demo.png").stat().st_size > 0
-    assert "held-out exact match" in capsys.readouterr().out
+    sections = ["## What prefrank buys", "## The base and its image ablation", "## Method effects over",
+                "## Time", "## The shared generation round"]
+    assert [report.index(s) for s in sections] == sorted(report.index(s) for s in sections)
+    assert "Packed vs unpacked" in report and "| noise images |" in report
+    assert "| base (SFT warm-up, one run) |" in report and "| DPO (one pair / prompt) |" in report
+    assert "| S-DPO (chosen ≻ unordered negatives) |" in report and "upper bound" in report
+    assert "seed by seed" in report
+    assert (tmp_path / "demo.png").stat().st_size > 0 and (tmp_path / "value.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    # not a terminal: one line per finished run, no carriage-return progress bars
+    assert "\r" not in out
+    assert out.count("[demo] done: ") == len(demo.VALUE_PATHS) + len(rows) * len(seeds)
 
     # one shared round: 32 prompts × (1 + 2 samples on the clean view + 3 levels × (1 + 2 samples))
     round_lines = [json.loads(line) for line in (tmp_path / "data" / "shared_round.jsonl").read_text().splitlines()]
@@ -32,24 +60,23 @@ def test_demo_quick_writes_report_table_and_plots(tmp_path, capsys):
     assert all(sum(map(len, g["meta"]["generated"].values())) == 12 for g in round_lines)
     kept = [g for g in round_lines if len(set(g["groups"])) > 1]
     assert kept, "the quick round must give prompts a negative group"
-    by_method = {row["method"]: row for row in rows}
-    for method in ("dpo", "listwise", "smpro"):
-        assert by_method[method]["generated_per_prompt"] == 12.0
-        assert by_method[method]["train_prompts"] == len(kept)
-    # MISP-DPO: the same round + one gallery check per (gallery image, distinct question)
-    misp = json.loads((tmp_path / "misp_dpo" / "selfpref" / "misp_negatives.json").read_text())
-    assert misp["generated_answers"] > 0
+    by_name = {row["name"]: row for row in rows}
+    for name in ("dpo", "listwise", "sdpo", "smpro"):
+        assert by_name[name]["train_prompts"] == len(kept)
+        assert by_name[name]["extra_generated"] == 0
+    assert by_name["gold_listwise"]["train_prompts"] == 32
+    misp = json.loads((tmp_path / "runs" / "misp_dpo" / "seed0" / "selfpref" / "misp_negatives.json").read_text())
+    assert misp["generated_answers"] > 0 and by_name["misp_dpo"]["extra_generated"] == misp["generated_answers"]
     counts = [row["candidates"] for row in misp["rows"]]              # per-prompt candidate sets, not one cap
-    assert misp["candidates"] == {"mean": pytest.approx(sum(counts) / len(counts)), "min": min(counts),
-                                  "max": max(counts)}
     assert (f"candidates per prompt: mean {misp['candidates']['mean']:.1f} (min {min(counts)}, "
             f"max {max(counts)}") in report
-    assert by_method["misp_dpo"]["generated_per_prompt"] == 12.0 + misp["generated_answers"] / 32
     pairs = [json.loads(line) for line in (tmp_path / "data" / "dpo.jsonl").read_text().splitlines()]
     assert len(pairs) == len(kept) and all(p["groups"] == [0, 1] for p in pairs)
     assert [p["responses"][0] for p in pairs] == [g["meta"]["generated"]["clean"][0] for g in kept]
     lists = [json.loads(line) for line in (tmp_path / "data" / "smpro.jsonl").read_text().splitlines()]
     assert [(r["responses"], r["groups"]) for r in lists] == [(g["responses"], g["groups"]) for g in kept]
+    sdpo = [json.loads(line) for line in (tmp_path / "data" / "sdpo.jsonl").read_text().splitlines()]
+    assert all(r["groups"] == [0] + [1] * (len(r["groups"]) - 1) for r in sdpo)
 
 
 def _group(index, question, clean, *negatives):
@@ -79,17 +106,21 @@ def test_rows_come_from_one_shared_round_with_the_seva_pair(tmp_path):
     selfpref_demo._ROUNDS[base] = round_
     assert round_.generated_answers == 4 * 6
 
-    rows = {m.method: m.build_records(base, prompts, settings) for m in demo.DEMO_METHODS}
+    rows = {m.name: m.build_records(base, prompts, settings) for m in demo.DEMO_METHODS}
     assert selfpref_demo.shared_round(base, prompts, settings) is round_  # reused, not regenerated
     expected_lists = [(["blue", "Red.", "green"], [0, 0, 1]), (["two", "three", "four"], [0, 1, 2]),
                       (["blue", "grey"], [0, 1])]
-    for method in ("listwise", "smpro"):
-        assert [(r.responses, r.groups) for r in rows[method]] == expected_lists
-        assert [r.answer for r in rows[method]] == ["red", "two", "blue"]
-    for method in ("dpo", "misp_dpo"):  # MISP-DPO starts from the SeVa pairs (its hook adds the images)
-        assert [(r.responses, r.groups) for r in rows[method]] == [
+    for name in ("listwise", "smpro"):
+        assert [(r.responses, r.groups) for r in rows[name]] == expected_lists
+        assert [r.answer for r in rows[name]] == ["red", "two", "blue"]
+    # S-DPO: the greedy clean answer ≻ every negative, unordered
+    assert [(r.responses, r.groups) for r in rows["sdpo"]] == [
+        (["blue", "green"], [0, 1]), (["two", "three", "four"], [0, 1, 1]), (["blue", "grey"], [0, 1])]
+    for name in ("dpo", "misp_dpo"):  # MISP-DPO starts from the SeVa pairs (its hook adds the images)
+        assert [(r.responses, r.groups) for r in rows[name]] == [
             (["blue", "green"], [0, 1]), (["two", "four"], [0, 1]), (["blue", "grey"], [0, 1])]
-        assert all(r.image is p.image for r, p in zip(rows[method], [prompts[0], prompts[1], prompts[3]]))
+        assert all(r.image is p.image for r, p in zip(rows[name], [prompts[0], prompts[1], prompts[3]]))
+    assert rows["gold_listwise"] == prompts  # the labelled ranking: the upper bound
 
     rates = selfpref_demo.gold_rates(round_)
     assert rates["greedy, clean"] == 3 / 4 and rates["greedy, diffusion@500"] == 3 / 4
@@ -98,5 +129,35 @@ def test_rows_come_from_one_shared_round_with_the_seva_pair(tmp_path):
     assert rates["SeVa chosen"] == 2 / 3 and rates["SeVa rejected"] == 0.0
     by_task = selfpref_demo.contrast_by_task(round_)
     assert sum(v[0] for v in by_task.values()) == 4 and sum(v[1] for v in by_task.values()) == 3
-    section = selfpref_demo.report_section(tmp_path, round_)
+    section = selfpref_demo.report_section(round_)
     assert "3/4 prompts have a negative group" in section and "6.00 answers generated per prompt" in section
+
+
+def test_rows_aggregate_over_seeds_with_paired_differences_and_plain_verdicts():
+    methods = [m for m in demo.DEMO_METHODS if m.name in ("dpo", "smpro", "listwise")]
+    accuracy = {"dpo": [0.40, 0.50, 0.45], "smpro": [0.50, 0.60, 0.55], "listwise": [0.45, 0.45, 0.50]}
+    results = {(name, seed): {"accuracy": acc, "per_task": {"color": acc}, "malformed": 0.0, "train_prompts": 7,
+                              "extra_generated": 0, "wall_seconds": 1.0}
+               for name, values in accuracy.items() for seed, acc in zip((0, 1, 2), values)}
+    rows = {row["name"]: row for row in demo.aggregate_rows(methods, (0, 1, 2), results)}
+    assert rows["smpro"]["accuracy"] == (pytest.approx(0.55), pytest.approx(0.05))
+    assert rows["smpro"]["vs_paired"] == (pytest.approx(0.10), pytest.approx(0.0, abs=1e-12))  # +0.10 every seed
+    assert rows["listwise"]["vs_paired"][0] == pytest.approx(0.05 / 3)
+    assert rows["listwise"]["per_task"]["color"][0] == pytest.approx(1.4 / 3)
+    assert rows["listwise"]["per_task"]["count"][0] != rows["listwise"]["per_task"]["count"][0]  # NaN: no data
+    text = demo.observations({"accuracy": 0.45}, list(rows.values()), 3, num_eval=256)  # SE ≈ 3.1 points
+    smpro_line = next(line for line in text.splitlines() if line.startswith("- SMPRO"))
+    listwise_line = next(line for line in text.splitlines() if line.startswith("- listwise"))
+    assert "+10.0 ± 0.0 points, which exceeds both the seed spread and the held-out sampling error" in smpro_line
+    assert "+1.7 ± 5.8 points, which does NOT exceed the seed spread" in listwise_line
+    rows["listwise"]["vs_paired"] = (0.02, 0.005)
+    text = demo.observations({"accuracy": 0.45}, list(rows.values()), 3, num_eval=256)
+    assert "+2.0 ± 0.5 points, which exceeds the seed spread but not the held-out sampling error (±3.1" in text
+
+
+def test_workers_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--workers", "0"])
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        demo.run_parallel([], 0, on_done=None)

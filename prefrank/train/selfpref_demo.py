@@ -1,25 +1,28 @@
-"""The preference rows of `make demo` and the ONE generation round they all share (issue 7).
+"""The preference rows of `make demo` and the ONE generation round they all share (issues 7 and 16).
 
-Every preference row is label-free (the setting of SeVa, SMPRO and MISP-DPO; papers.md §2.3, §3) and is built
-from the same data: one SMPRO-recipe round generated once per demo run by the SFT base
+Every label-free row (the setting of SeVa, SMPRO and MISP-DPO; papers.md §2.3, §3) is built from the same
+data: one SMPRO-recipe round generated once per demo run by the SFT base
 (`prefrank.train.selfpref.smpro_round`): greedy + ``num_samples`` sampled answers on the clean image = the
 positive group, greedy + ``negative_samples`` sampled answers on SeVa diffusion noise t = 500 ≻ 800 ≻ 950 = the
-negative groups (one sample per noisy view: greedy alone leaves this base's prompts almost without contrast,
-see the README's demo section); answers equal to a positive are dropped from the negatives and prompts left
-without a negative group are dropped (`records_from_groups`). The round is saved as
-``<out>/data/shared_round.jsonl`` and memoised per base trainer.
+negative groups; answers equal to a positive are dropped from the negatives and prompts left without a
+negative group are dropped (`records_from_groups`). The round is saved as ``<out>/data/shared_round.jsonl``
+and memoised per base trainer.
 
 - DPO (one pair / prompt) = SeVa: greedy clean answer ≻ the answer of the most severe negative level present;
 - listwise PL: the whole ranked list (positive group ≻ t500 ≻ t800 ≻ t950, ties within a level),
   `listwise_dpo_loss`;
-- SMPRO: the same groups, `smpro_loss` (offline on the shared round: online regeneration would multiply its
-  generation budget);
+- S-DPO: the greedy clean answer ≻ every negative answer, unordered (`listwise_dpo_loss` with groups
+  [0, 1, …, 1] and top_k = 1, i.e. `sdpo_loss`);
+- SMPRO: the positive and negative groups, `smpro_loss` (offline on the shared round: online regeneration
+  would multiply its generation budget);
 - MISP-DPO: the DPO pairs as input; the trainer's selfpref hook (`misp_select`) picks K = 3 SAE-selected
   negative images with their log q and makes the policy's answer on the first of them the text negative (the
-  SeVa rejected answer when the two coincide); its pool checks are extra generated answers, counted.
+  SeVa rejected answer when the two coincide); its pool checks are extra generated answers, counted;
+- upper bound (labelled, NOT label-free): listwise PL on the gold ranking of the synthetic task (gold answer ≻
+  every other answer of its kind).
 
-The labelled answers of the synthetic task are used only to evaluate (held-out accuracy, the held-out reward
-yardstick, and the gold-rate diagnostics of the report).
+Apart from the upper-bound row, the labelled answers of the synthetic task are used only to evaluate
+(held-out accuracy and the gold-rate diagnostics of the report).
 """
 
 import json
@@ -27,8 +30,6 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from prefrank.train.data import TASKS, PreferenceRecord
 from prefrank.train.preference_groups import normalize_answer, save_records_jsonl
@@ -102,40 +103,37 @@ def ranked_lists(base, train_records, settings):
     return list(shared_round(base, train_records, settings).records)
 
 
+def sdpo_list(record):
+    """S-DPO's list from one ranked list: the greedy clean answer (level 0) ≻ every negative answer (level 1,
+    unordered); the other positives are left out (they are neither the chosen answer nor negatives)."""
+    negatives = [text for text, level in zip(record.responses, record.groups) if level > 0]
+    return PreferenceRecord(image=record.image, question=record.question,
+                            responses=[record.responses[record.groups.index(0)], *negatives],
+                            groups=[0] + [1] * len(negatives), answer=record.answer)
+
+
+def sdpo_lists(base, train_records, settings):
+    return [sdpo_list(r) for r in shared_round(base, train_records, settings).records]
+
+
+def gold_lists(base, train_records, settings):
+    """The labelled ranking of the synthetic task (gold ≻ every other answer of its kind): the upper bound."""
+    return list(train_records)
+
+
 def demo_rows(demo_method_cls):
-    """The four preference rows (the class is passed in to keep prefrank.demo the only importer)."""
+    """The preference rows (the class is passed in to keep prefrank.demo the only importer)."""
     return [
-        demo_method_cls("DPO (one pair / prompt)", "dpo", seva_pairs),
-        demo_method_cls("listwise PL (ranked list)", "listwise", ranked_lists),
-        demo_method_cls("SMPRO (groups)", "smpro", ranked_lists),
-        demo_method_cls("MISP-DPO (SAE-selected negatives)", "misp_dpo", seva_pairs,
+        demo_method_cls("DPO (one pair / prompt)", "dpo", "dpo", seva_pairs),
+        demo_method_cls("listwise PL (ranked list)", "listwise", "listwise", ranked_lists),
+        demo_method_cls("S-DPO (chosen ≻ unordered negatives)", "sdpo", "listwise", sdpo_lists,
+                        dict(loss_kwargs={"top_k": 1})),
+        demo_method_cls("SMPRO (groups)", "smpro", "smpro", ranked_lists),
+        demo_method_cls("MISP-DPO (SAE-selected negatives)", "misp_dpo", "misp_dpo", seva_pairs,
                         dict(self_generate="offline", num_negatives=3, selfpref=dict(MISP_OPTIONS))),
+        demo_method_cls("upper bound: listwise PL on the gold ranking (labels)", "gold_listwise", "listwise",
+                        gold_lists, upper_bound=True),
     ]
-
-
-def generated_answers(round_, trainer):
-    """Answers generated for a row: the shared round's plus the ones its own trainer generated (MISP-DPO's
-    pool checks)."""
-    generator = trainer.self_generator
-    return round_.generated_answers + (0 if generator is None else generator.generated_answers)
-
-
-@torch.no_grad()
-def heldout_reward_margin(response_logps, trainer, base_logps, eval_records, beta):
-    """Implicit reward r = β·(log π − log π_base) of every labelled answer of the held-out prompts, on the
-    clean image: mean (r_gold − mean r_wrong) and the fraction of prompts with r_gold above every r_wrong.
-    ``response_logps(trainer, records)`` → (N, K) log-probs (-inf = missing); ``base_logps`` the same for the
-    SFT base. The same yardstick for every row, whatever its training loss."""
-    logps = response_logps(trainer, eval_records)
-    valid = torch.isfinite(base_logps)
-    rewards = beta * (logps - base_logps).masked_fill(~valid, 0.0)
-    gold = torch.tensor([[g == 0 for g in r.groups] + [False] * (logps.shape[1] - len(r.groups))
-                         for r in eval_records])
-    wrong = valid & ~gold
-    r_gold = (rewards * gold).sum(1) / gold.sum(1)
-    r_wrong_mean = (rewards * wrong).sum(1) / wrong.sum(1).clamp(min=1)
-    r_wrong_max = rewards.masked_fill(~wrong, float("-inf")).amax(1)
-    return float((r_gold - r_wrong_mean).mean()), float((r_gold > r_wrong_max).float().mean())
 
 
 def gold_rates(round_):
@@ -175,17 +173,17 @@ def contrast_by_task(round_):
     return out
 
 
-def report_section(out, round_):
-    """Markdown for `runs/demo/report.md`: the shared round and MISP-DPO's selection, measured."""
-    out = Path(out)
+def report_section(round_, misp_path=None):
+    """Markdown for `runs/demo/report.md`: the shared round and (``misp_path``: a misp_negatives.json)
+    MISP-DPO's selection, measured."""
     options = round_.options
     stats = group_statistics(round_.groups)
     levels = {}
     for record in round_.records:
         levels[max(record.groups)] = levels.get(max(record.groups), 0) + 1
     lines = ["## The shared generation round and the preference rows", "",
-             "Every preference row starts from the same SFT base with the same steps × prompts, lr and β, and "
-             "trains on the same label-free data: ONE round generated by the SFT base on every training prompt "
+             "Every label-free preference row starts from the same SFT base with the same steps × prompts, lr "
+             "and β, and trains on the same data: ONE round generated by the SFT base on every training prompt "
              f"(`data/shared_round.jsonl`, {round_.seconds:.0f} s): greedy + {options['num_samples']} samples "
              f"(T = {options['temperature']}) on the clean image = the positive group, greedy "
              f"(+ {options['negative_samples']} samples) on SeVa diffusion noise t = 500 ≻ 800 ≻ 950 = the "
@@ -195,6 +193,8 @@ def report_section(out, round_):
              "level present, `dpo_loss`.",
              "- **listwise PL**: the whole ranked list (positive group ≻ t500 ≻ t800 ≻ t950, Breslow ties within "
              "a level), `listwise_dpo_loss`.",
+             "- **S-DPO**: the greedy clean answer ≻ every negative answer, unordered: `listwise_dpo_loss` with "
+             "groups [0, 1, …, 1] and top_k = 1 (= `sdpo_loss`).",
              "- **SMPRO**: the same groups, `smpro_loss` (offline: online regeneration would multiply its "
              "generation budget).",
              "- **MISP-DPO**: the DPO pairs; K = 3 negative images per prompt out of a "
@@ -216,8 +216,7 @@ def report_section(out, round_):
     lines += [f"| {task} | {kept}/{prompts} | {chosen:.2f} | {rejected:.2f} |"
               for task, (prompts, kept, chosen, rejected) in contrast_by_task(round_).items()]
     lines.append("")
-    misp_path = out / "misp_dpo" / "selfpref" / "misp_negatives.json"
-    if misp_path.exists():
+    if misp_path is not None and Path(misp_path).exists():
         misp = json.loads(misp_path.read_text())
         rows = misp["rows"]
         distinct = len({k for row in rows for k in row["negatives"]})
