@@ -101,10 +101,12 @@ def grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_grads_close(packed, unpacked, tolerance):
-    """Per parameter ‖packed − unpacked‖ ≤ tolerance·‖unpacked‖. A parameter whose gradient is zero in exact
-    arithmetic (CLIP's key bias: softmax ignores a per-query shift) holds rounding noise on both sides:
-    it must stay below 1e-6 of the whole gradient's norm instead."""
+def assert_grads_close(packed, unpacked, tolerance, noise=None):
+    """Per parameter ‖packed − unpacked‖ ≤ tolerance·‖unpacked‖ + 4·noise. ``noise`` (fp32 only): per parameter
+    ‖g − g'‖ of the same unpacked oracle summed in another order, i.e. fp32's own rounding floor for that
+    gradient (a deep vision-tower weight can sit above 1e-5 relative from summation order alone). A parameter
+    whose gradient is zero in exact arithmetic (CLIP's key bias: softmax ignores a per-query shift) holds
+    rounding noise on both sides: it must stay below 1e-6 of the whole gradient's norm instead."""
     assert packed.keys() == unpacked.keys()
     total = torch.cat([g.double().flatten() for g in unpacked.values()]).norm()
     for name, expected in unpacked.items():
@@ -113,7 +115,8 @@ def assert_grads_close(packed, unpacked, tolerance):
             assert packed[name].double().norm() <= 1e-6 * total, name
             continue
         error = (packed[name].double() - expected.double()).norm()
-        assert error <= tolerance * expected_norm, (name, error, expected_norm)
+        floor = 0.0 if noise is None else 4 * noise[name]
+        assert error <= tolerance * expected_norm + floor, (name, error, expected_norm, floor)
 
 
 def check_equal(model, prompts, responses, dtype, padding_side, generator, extras=None, fused=False):
@@ -124,8 +127,16 @@ def check_equal(model, prompts, responses, dtype, padding_side, generator, extra
 
     model.zero_grad(set_to_none=True)
     expected, rows = unpacked_logps(model, prompts, responses, extras)
-    sum((weights[b, k] * value) for (b, k), value in rows).backward()
+    terms = [weights[b, k] * value for (b, k), value in rows]
+    noise = None
+    if dtype == torch.float32:  # the oracle's own rounding floor: the same gradient summed in reverse order
+        sum(reversed(terms)).backward(retain_graph=True)
+        reversed_grads = grads(model)
+        model.zero_grad(set_to_none=True)
+    sum(terms).backward()
     expected_grads = grads(model)
+    if dtype == torch.float32:
+        noise = {name: (reversed_grads[name].double() - g.double()).norm() for name, g in expected_grads.items()}
 
     model.zero_grad(set_to_none=True)
     inputs = packed.model_inputs(use_cache=False, mask_dtype=dtype, **(extras or {}))
@@ -141,7 +152,7 @@ def check_equal(model, prompts, responses, dtype, padding_side, generator, extra
     assert (logps[~packed.mask] == 0).all()
     torch.testing.assert_close(logps.double(), expected, rtol=tolerance, atol=tolerance)
     (weights.to(logps.dtype) * logps).sum().backward()
-    assert_grads_close(grads(model), expected_grads, tolerance)
+    assert_grads_close(grads(model), expected_grads, tolerance, noise)
 
 
 # eager attention's softmax runs in float32 even in a float64 model (transformers): eager in float32 only
@@ -396,7 +407,7 @@ def test_trainer_steps_equal_packed_and_unpacked(tmp_path, capsys, method, refer
         on, off = packed.train_step(), unpacked.train_step()
         assert on.keys() == off.keys()
         for key in on:
-            assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-6), key
+            assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-6, nan_ok=True), key
     # (the weights themselves are not compared: AdamW's first step divides by |g|, so a parameter whose
     # exact gradient is 0 — CLIP's key bias — moves by rounding noise, differently in either layout)
 
