@@ -783,7 +783,8 @@ def misp_dpo_loss(policy_pos: Tensor, ref_pos: Tensor, policy_negs: Tensor, ref_
     if text_parts is not None:
         pc, pr, rc, rr, h = text_parts
         text_losses = _dpo_losses(h, beta, "sigmoid", 0.0)
-        per_list = per_list + text_weight * text_losses
+        if text_weight > 0:  # weight 0 switches the term off (0 · inf would be NaN)
+            per_list = per_list + text_weight * text_losses
         metrics["loss/text"] = text_losses.detach().mean()
         metrics.update(_with_prefix("text/", _dpo_metrics(pc, pr, rc, rr, beta)))
     return PreferenceLossOutput(per_list.mean(), metrics)
