@@ -273,9 +273,10 @@ def test_fuzz_misp(data, case, beta, with_log_q, with_text, text_weight):
 
     def want():
         image = naive_top1((pp, rp), (pn, rn), mask, beta, log_q)
-        if text is None or text_weight == 0:  # a zero weight switches the text term off
+        if text is None:
             return image
-        return image + text_weight * naive_dpo(*text, beta, "sigmoid", 0.0)
+        text_term = naive_dpo(*text, beta, "sigmoid", 0.0)  # validates the text tensors like the loss
+        return image if text_weight == 0 else image + text_weight * text_term  # weight 0: the term is off
 
     check(lambda: losses.misp_dpo_loss(pp, rp, pn, rn, log_q=log_q, beta=beta, mask=mask, text=text,
                                        text_weight=text_weight),
