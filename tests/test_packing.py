@@ -4,6 +4,7 @@ input. The oracle is the model run on each unpacked row ``[prompt, response]`` a
 padding), scored with a plain log_softmax."""
 
 import copy
+
 import numpy as np
 import pytest
 import torch
