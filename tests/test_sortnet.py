@@ -157,8 +157,19 @@ def test_cpu_kernel_matches_reference(network, relaxation, seed):
     for n in (1, 2, 7, 16):
         _assert_soft_sort_matches("auto", torch.randn(3, n, dtype=torch.float64), network=network,
                                   relaxation=relaxation, steepness=4.0)
-    _assert_soft_sort_matches("auto", torch.randn(3, 11), atol=1e-5, rtol=1e-5, network=network,
-                              relaxation=relaxation, steepness=4.0)
+    _assert_fp32_within_reference_noise(torch.randn(3, 11), network=network, relaxation=relaxation,
+                                        steepness=4.0)
+
+
+def _assert_fp32_within_reference_noise(x, **kw):
+    """fp32 kernel vs the float64 truth: within 1e-5 + twice the fp32 reference's own error, element by
+    element (an ill-conditioned comparator gradient, e.g. logistic_phi's, carries fp32 rounding above 1e-5)."""
+    (values, P, grad), (values_ref, P_ref, grad_ref) = _soft_sort_pair("auto", x, **kw)
+    _, (values64, P64, grad64) = _soft_sort_pair("auto", x.double(), **kw)
+    for got, ref32, truth in ((values, values_ref, values64), (P, P_ref, P64), (grad, grad_ref, grad64)):
+        assert got.dtype == torch.float32 and not got.isnan().any()
+        bound = 1e-5 + 1e-5 * truth.abs() + 2 * (ref32.double() - truth).abs()
+        assert ((got.double() - truth).abs() <= bound).all(), (got, truth)
 
 
 @pytest.mark.parametrize("relaxation", RELAXATIONS)
