@@ -17,21 +17,22 @@ from hypothesis import strategies as st
 from prefrank import losses, reference
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False)
-SPECIAL = [0.0, 1e4, -1e4, float("nan"), float("inf"), float("-inf")]
+HUGE = [1e4, -1e4]
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
 DTYPES = [torch.float64, torch.float32]
 
 
 def tensor(draw, shape, dtype, special=True, huge=True) -> torch.Tensor:
-    """Finite values in [-30, 30]; sometimes ±1e4 entries (``huge``) and sometimes one NaN/±inf entry, so that
-    most examples are in the loss's domain and the rest probe its errors."""
+    """Finite values in [-30, 30]; sometimes ±1e4 entries (only if ``huge``) and sometimes one 0/NaN/±inf
+    entry, so that most examples are in the loss's domain and the rest probe its errors."""
     n = math.prod(shape)
     flat = draw(st.lists(st.floats(min_value=-30.0, max_value=30.0, allow_nan=False), min_size=n, max_size=n))
     if special and n:
         if huge and draw(st.integers(0, 4)) == 0:
             for index in draw(st.lists(st.integers(0, n - 1), max_size=2)):
-                flat[index] = draw(st.sampled_from([1e4, -1e4]))
+                flat[index] = draw(st.sampled_from(HUGE))
         if draw(st.integers(0, 5)) == 0:
-            flat[draw(st.integers(0, n - 1))] = draw(st.sampled_from(SPECIAL))
+            flat[draw(st.integers(0, n - 1))] = draw(st.sampled_from([0.0, *NON_FINITE, *(HUGE if huge else [])]))
     return torch.tensor(flat, dtype=torch.float64).reshape(shape).to(dtype)
 
 

@@ -14,9 +14,7 @@ from prefrank import networks, ops
 EXAMPLES = 200
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 SCALES = (1e-3, 1.0, 30.0, 1e4)
-# derandomize: a fixed example stream in CI (a fresh stream found ill-conditioned fp32 gradients above the
-# tolerance on rare runs, e.g. reciprocal odd_even; left OPEN in the closing note)
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _tolerance(dtype):
@@ -26,15 +24,27 @@ def _tolerance(dtype):
             torch.float16: dict(atol=2e-5, rtol=1e-3), torch.bfloat16: dict(atol=2e-5, rtol=8e-3)}[dtype]
 
 
-def _assert_gradient_close(actual, expected, dtype, floor=0.0):
-    """Norm-wise: |actual − expected| ≤ atol + rtol·max|expected|. A gradient element is a sum of terms as
-    large as the steepest comparator's slope (s/ε^λ at an exact tie for logistic_phi: 5e11 at s = 50,
-    λ = 1), which cancel to a small element: two correct fp64 codes then differ by rounding of those terms
-    (measured: 3e-8 of max|∂/∂x| between the C++ kernel and the reference), not of the element."""
+def _assert_close(actual, reference, truth, dtype, normwise=False, floor=0.0):
+    """``actual`` (the kernel) vs the float64 ``truth`` (the reference run on the inputs cast to float64)
+    within atol + rtol·|truth| + ``floor`` + twice the ``reference``'s own error in the input's precision:
+    near a tie, or in a relaxation's far tail, fp32 rounding of the oracle itself exceeds any fixed tolerance
+    (seen: logistic_phi's ∂/∂x = s·ε/(|d|+ε)² at |d| = 2e-3, which the fp32 reference gets by cancelling two
+    numbers of size 1/|d| and rounds to 0 where the truth is 8.8e-5 and the kernel 9.5e-5). For float64 inputs
+    ``truth`` is ``reference`` and this is a plain tolerance check.
+
+    ``normwise``: rtol scales with max|truth| (a gradient element is a sum of terms as large as the steepest
+    comparator's slope, s/ε^λ at an exact tie for logistic_phi, which cancel to a small element: two correct
+    fp64 codes then differ by rounding of those terms, not of the element)."""
+    assert actual.dtype == reference.dtype and actual.shape == reference.shape == truth.shape
     tolerance = _tolerance(dtype)
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    atol = tolerance["atol"] + tolerance["rtol"] * scale + floor
-    torch.testing.assert_close(actual, expected, rtol=0.0, atol=atol)
+    truth = truth.double()
+    scale = truth.abs().amax() if normwise and truth.numel() else truth.abs()
+    oracle_error = (reference.double() - truth).abs()
+    bound = tolerance["atol"] + tolerance["rtol"] * scale + floor + 2 * oracle_error
+    nan = actual.isnan()
+    assert torch.equal(nan, reference.isnan()), "NaN where the reference has none (or the reverse)"
+    error = (actual.double() - truth).abs()
+    assert (error[~nan] <= bound[~nan]).all(), (actual, reference, truth)
 
 
 def _outcome(fn):
@@ -105,12 +115,15 @@ def test_soft_sort_matches_reference(data, options):
     assert error == expected_error
     if error is not None:
         return
-    for g, e, out_dtype in zip(got[:2], expected[:2], (acc, acc), strict=True):  # values, P
+    # the truth: the reference on float64 copies (every dtype here widens exactly)
+    truth = expected if dtype == torch.float64 else _soft_sort_run(
+        x.double(), tuple(w.double() for w in weights), "reference", dim=dim, **options)
+    for g, e, t in zip(got[:2], expected[:2], truth[:2], strict=True):  # values, P
         assert (g is None) == (e is None)
         if g is not None:
-            assert g.dtype == e.dtype == out_dtype and g.shape == e.shape
-            torch.testing.assert_close(g, e, **_tolerance(out_dtype))
-    assert got[2].dtype == expected[2].dtype == dtype and got[2].shape == expected[2].shape
+            assert g.dtype == e.dtype == acc
+            _assert_close(g, e, t, acc)
+    assert got[2].dtype == expected[2].dtype == dtype
     items = x.movedim(dim, -1)
     exact_ties = items.numel() > 0 and (items.sort(-1).values.diff(dim=-1) == 0).any().item()
     if options["relaxation"] == "optimal" and exact_ties:
@@ -119,7 +132,7 @@ def test_soft_sort_matches_reference(data, options):
         # every other relaxation agrees to 1e-13). Repro: x = [-18425.7128, 5462.1832, 10523.0781,
         # 10562.2365, -21010.0541, 15797.4112, 10562.2365, -18425.7128], steepness 0.5, odd_even.
         return
-    _assert_gradient_close(got[2], expected[2], dtype)
+    _assert_close(got[2], expected[2], truth[2], dtype, normwise=True)
 
 
 @st.composite
@@ -182,13 +195,17 @@ def test_sortnet_rank_loss_matches_reference(data, options):
     if error is not None:
         return
     (loss, grad), (expected_loss, expected_grad) = got, expected
-    assert loss.dtype == expected_loss.dtype == acc and loss.shape == expected_loss.shape
-    torch.testing.assert_close(loss, expected_loss, **_tolerance(acc))
-    assert grad.dtype == expected_grad.dtype == dtype and grad.shape == expected_grad.shape
+    true_loss, true_grad = expected if dtype == torch.float64 else _loss_run(
+        scores.double(), groups, weights.double(), "reference", **options)
+    assert loss.dtype == expected_loss.dtype == acc
+    _assert_close(loss, expected_loss, true_loss, acc)
+    assert grad.dtype == expected_grad.dtype == dtype
     floor = 0.0
     if options["target"] == "permutation" and n > 0:
-        # torch's BCE gradient (p − q)/max(p(1−p), 1e-12) turns P's rounding (eps at P ≈ 0 or 1: 1e-17 vs
-        # 1e-33 are both 0) into up to eps/1e-12 per entry, times a slope ≤ s, over m² entries (seen in fp64:
-        # 1.8e-5 vs 9e-22 at a saturated list). No two correct codes agree below that floor.
-        floor = torch.finfo(acc).eps / 1e-12 * options["steepness"] / n**2
-    _assert_gradient_close(grad, expected_grad, dtype, floor)
+        # A saturated list: torch's BCE gradient (p − q)/max(p(1−p), 1e-12) turns P's rounding (eps at P ≈ 0
+        # or 1: 1e-17 vs 1e-33 are both 0) into up to eps/1e-12 per entry of the mean over n² entries, times
+        # ∂P/∂x ≤ s per entry, and a column of P (which sums to 1) reaches every item: n entries per item
+        # (seen in fp64: 1.8e-5 vs 9e-22 at a saturated list; 7.5e-6 vs 1e-31 at n = 5, gaussian, s = 0.5).
+        # No two correct codes agree below that floor.
+        floor = torch.finfo(acc).eps / 1e-12 * options["steepness"] / n
+    _assert_close(grad, expected_grad, true_grad, dtype, normwise=True, floor=floor)
