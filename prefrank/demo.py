@@ -1,22 +1,29 @@
 """`make demo` / `python -m prefrank.demo`: prefrank end to end, offline, on CPU.
 
-1. SFT warm-up of the tiny LLaVA on the synthetic visual-QA task (the base row), and the base's image
-   ablation: its held-out accuracy with every image replaced by uniform noise (chance if it reads the image).
-2. ONE generation round of that base on every training prompt, shared by every label-free row
-   (`prefrank/train/selfpref_demo.py`): greedy + sampled answers on the clean image ≻ answers on SeVa
-   diffusion noise t = 500 ≻ 800 ≻ 950. No label-free row trains on labels.
-3. What the library buys (first section of the report): the same SMPRO run three ways from the base, same
+Every seed in `DemoSettings.seeds` is a whole pipeline (model initialisation, SFT batch order, sampling of
+the generation round, preference batch order), so the base row has a spread too:
+
+1. SFT warm-up of the tiny LLaVA on the synthetic visual-QA task (the base row), one per seed, and each
+   base's image ablation: its held-out accuracy with every image replaced by uniform noise (chance if it
+   reads the image).
+2. ONE generation round of each seed's base on every training prompt, shared by every label-free row of
+   that seed (`prefrank/train/selfpref_demo.py`): greedy + sampled answers on the clean image ≻ answers on
+   SeVa diffusion noise t = 500 ≻ 800 ≻ 950. No label-free row trains on labels.
+3. What the library buys (first section of the report): the same SMPRO run three ways from the first seed's
+   base, same
    seed and data — prefrank kernels + shared-prompt packing, prefrank kernels unpacked, and the pure-PyTorch
    path (backend "reference": materialised logits + log_softmax, dense sorting network) — loss curves, their
    largest difference, CPU time per step and peak memory (each path in a fresh process).
 4. Method effects over seeds: every row in `DEMO_METHODS` (DPO, listwise PL, S-DPO, SMPRO, MISP-DPO and the
-   labelled upper bound) starts from the base with the same steps × prompts, lr and β, once per seed in
-   `DemoSettings.seeds`; mean ± sd of held-out exact match (overall and per question kind) and the paired
-   difference to DPO.
+   labelled upper bound) starts from its seed's base with the same steps × prompts, lr and β; mean ± sd of
+   held-out exact match (overall and per question kind) and the paired differences (same seed) to the base
+   and to DPO.
 
-Independent runs go to `DemoSettings.workers` forked worker processes (one intra-op thread each); every run
-is a fresh process, so its peak memory is its own. On a terminal the SFT shows a progress bar and the runs a
-bar of their own; in a log (stdout not a terminal) each finished run prints one line.
+Runs (the SFTs included) go to `DemoSettings.workers` forked worker processes (one intra-op thread each);
+every run is a fresh process, so its peak memory is its own. When a seed's SFT finishes, the main process
+builds that seed's generation round and preference data and queues its runs, while the workers go on.
+On a terminal the runs show a progress bar; in a log (stdout not a terminal) each finished run prints one
+line.
 
 A new row = a `DemoMethod` whose `build_records(base trainer, train records, settings)` turns the shared round
 (`selfpref_demo.shared_round`) into that method's preference records.
@@ -65,7 +72,7 @@ class DemoSettings:
     pref_steps: int = 150
     pref_lr: float = 1e-4
     beta: float = 0.1
-    seeds: tuple = (0, 1, 2)  # preference-training seeds (batch order); every row runs once per seed
+    seeds: tuple = (0, 1, 2)  # one whole pipeline per seed: model init, SFT, generation round, preference runs
     value_steps: int = 20  # steps of each library-value run
     workers: int = 2  # worker processes for the independent runs (one per core)
     threads: int = 1  # intra-op threads per process: on a small shared CPU one thread is by far the fastest
@@ -75,7 +82,7 @@ class DemoSettings:
     # reaches 0.418 but 0.266 with noise images: it reads colour only; 32/4 with width 64 reaches 0.758 at
     # 4.5× the cost (64 image tokens).
     tiny_model: dict = field(default_factory=lambda: {"image_size": 16, "patch_size": 4, "vision_hidden": 64})
-    base: str | None = None  # a previous demo's SFT run folder (runs/demo/sft) to start from: no warm-up
+    base: str | None = None  # a previous demo's SFT folder (runs/demo/sft, a seed<k>/ per seed): no warm-up
     round_options: dict = field(default_factory=lambda: dict(selfpref_demo.ROUND_OPTIONS))  # the shared round
 
 
@@ -147,6 +154,8 @@ class RunTask:
     backend: str = "auto"
     measure: bool = False  # per-step CPU time and peak memory (library-value runs)
     threads: int = 1
+    ablate_images: bool = False  # also the held-out accuracy with noise images (the bases)
+    evaluate_only: bool = False  # evaluate config.init, train nothing (--base)
 
 
 def _status_kib(field_name):
@@ -178,8 +187,11 @@ def _run(task):
 
         trainer.on_step_end = on_step_end
         started_cpu = time.process_time()
-        summary = trainer.train()
-    metrics = [json.loads(line) for line in (Path(task.config.out) / "metrics.jsonl").read_text().splitlines()]
+        if task.evaluate_only:
+            summary, metrics = {"eval_accuracy": trainer.evaluate(), "final_metrics": {}}, []
+        else:
+            summary = trainer.train()
+            metrics = [json.loads(line) for line in (Path(task.config.out) / "metrics.jsonl").read_text().splitlines()]
     step_cpu = [b - a for a, b in zip([started_cpu, *steps], steps)]
     result = {"accuracy": summary["eval_accuracy"], "losses": [m["loss"] for m in metrics if "loss" in m],
               "final_metrics": summary["final_metrics"], "step_cpu": step_cpu, "train_prompts": len(trainer.train_data),
@@ -187,6 +199,9 @@ def _run(task):
     if task.eval_records:
         result["per_task"] = per_task_accuracy(trainer.eval_answers, task.eval_records)
         result["malformed"] = malformed_fraction(trainer.eval_answers)
+    if task.ablate_images:
+        result["noise_accuracy"], result["noise_per_task"], result["chance"] = noise_image_ablation(
+            trainer, task.eval_records)
     if task.measure:
         result["peak_mib"] = (memory["peak_kib"] - memory["base_kib"]) / 1024
     return result
@@ -210,8 +225,9 @@ def _worker(connection, task):
 
 
 def run_parallel(tasks, workers, on_done):
-    """Run every task in its own forked process, at most ``workers`` at a time; ``on_done(task, result)`` as
-    each finishes. Returns {task.key: result}. A failed run stops the others and raises with its traceback."""
+    """Run every task in its own forked process, at most ``workers`` at a time, in order; ``on_done(task,
+    result)`` as each finishes may return more tasks, queued behind the pending ones. Returns {task.key:
+    result}. A failed run stops the others and raises with its traceback."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     context = multiprocessing.get_context("fork")
@@ -236,7 +252,7 @@ def run_parallel(tasks, workers, on_done):
                 if status != "ok":
                     raise RuntimeError(f"demo run {task.label!r} failed (log: {task.config.out}.log):\n{payload}")
                 results[task.key] = payload
-                on_done(task, payload)
+                pending.extend(on_done(task, payload) or ())
     finally:
         for process, _ in running.values():
             process.terminate()
@@ -248,8 +264,9 @@ def run_parallel(tasks, workers, on_done):
 
 
 def _config(settings, method, out, **overrides):
-    return TrainConfig(method=method, out=str(out), batch_size=settings.batch_size, progress=False,
-                       tiny_model=settings.tiny_model, log_every=1, overwrite=True, **overrides)
+    defaults = dict(batch_size=settings.batch_size, progress=False, tiny_model=settings.tiny_model, log_every=1,
+                    overwrite=True)
+    return TrainConfig(method=method, out=str(out), **{**defaults, **overrides})
 
 
 def run_demo(settings, methods=None):
@@ -267,67 +284,71 @@ def run_demo(settings, methods=None):
     eval_records = synthetic_dataset(settings.num_eval, seed=2)
     export_jsonl(eval_records, out / "data" / "heldout.jsonl")
 
-    sft_config = replace(_config(settings, "sft", out / "sft", steps=settings.sft_steps, lr=settings.sft_lr,
-                                 warmup_steps=10), progress=interactive, log_every=10)
-    sft_started, sft_cpu = time.perf_counter(), time.process_time()
-    if settings.base is None:
-        print(f"[demo] SFT warm-up: {settings.sft_steps} steps × {settings.batch_size} prompts", flush=True)
-        base = Trainer(sft_config, train_records=train_records, eval_records=eval_records)
-        accuracy = base.train()["eval_accuracy"]
-        init = str(out / "sft")
-    else:  # a previous warm-up: the model it saved, evaluated again (nothing is trained)
-        print(f"[demo] base: the SFT run in {settings.base} (no warm-up)", flush=True)
-        base = Trainer(replace(sft_config, init=settings.base, out=str(out / "base")), train_records=train_records,
-                       eval_records=eval_records)
-        accuracy, init = base.evaluate(), settings.base
-    base_row = {"accuracy": accuracy, "seconds": time.perf_counter() - sft_started,
-                "per_task": per_task_accuracy(base.eval_answers, eval_records),
-                "malformed": malformed_fraction(base.eval_answers)}
-    base_row["cpu_seconds"] = time.process_time() - sft_cpu
-    base_row["noise_accuracy"], base_row["noise_per_task"], base_row["chance"] = noise_image_ablation(
-        base, eval_records)
-    print(f"[demo] base: held-out exact match {base_row['accuracy']:.3f}, with noise images "
-          f"{base_row['noise_accuracy']:.3f} (chance {base_row['chance']:.3f}), {base_row['seconds']:.0f} s",
-          flush=True)
+    seeds = tuple(settings.seeds)
+    if settings.base is not None:
+        missing = [seed for seed in seeds if not (Path(settings.base) / f"seed{seed}").is_dir()]
+        if missing:
+            raise ValueError(f"base={settings.base!r} must be a previous demo's SFT folder with one run per seed "
+                             f"(seed<k>/ for k in {list(seeds)}); missing: {[f'seed{k}' for k in missing]}")
 
-    print(f"[demo] shared generation round of the base on {len(train_records)} prompts", flush=True)
-    round_cpu = time.process_time()
-    round_ = selfpref_demo.shared_round(base, train_records, settings)
-    round_cpu = time.process_time() - round_cpu
-    print(f"[demo] {len(round_.records)}/{len(train_records)} prompts have a negative group; "
-          f"{round_.generated_answers / len(train_records):.2f} answers generated per prompt "
-          f"({round_.seconds:.0f} s)", flush=True)
+    def base_folder(seed):
+        return Path(settings.base) / f"seed{seed}" if settings.base is not None else out / "sft" / f"seed{seed}"
 
-    shared = dict(lr=settings.pref_lr, beta=settings.beta, warmup_steps=5, init=init)
-    smpro_records = selfpref_demo.ranked_lists(base, train_records, settings)
-    tasks = [RunTask(("value", label), f"value: SMPRO, {label}",
-                     _config(settings, "smpro", out / "value" / f"path{i}", steps=settings.value_steps,
-                             pack_prompts=pack, **shared),
-                     smpro_records, [], backend=impl, measure=True, threads=settings.threads)
-             for i, (label, pack, impl) in enumerate(VALUE_PATHS)]
-    row_records = {}
-    for demo_method in methods:
-        row_records[demo_method.name] = demo_method.build_records(base, train_records, settings)
-        export_jsonl(row_records[demo_method.name], out / "data" / f"{demo_method.name}.jsonl")
-    row_tasks = []
-    for seed in settings.seeds:
+    sft_tasks = []
+    for seed in seeds:
+        config = _config(settings, "sft", out / "sft" / f"seed{seed}", steps=settings.sft_steps, lr=settings.sft_lr,
+                         warmup_steps=10, log_every=10, seed=seed, model_seed=seed)
+        if settings.base is not None:  # a previous warm-up: the model it saved, evaluated again (nothing trained)
+            config = replace(config, init=str(base_folder(seed)), out=str(out / "base" / f"seed{seed}"))
+        sft_tasks.append(RunTask(("sft", seed), f"SFT base, seed {seed}", config, train_records, eval_records,
+                                 threads=settings.threads, ablate_images=True,
+                                 evaluate_only=settings.base is not None))
+    what = "evaluating the bases of" if settings.base is not None else "SFT warm-up"
+    print(f"[demo] {what}: {settings.sft_steps} steps × {settings.batch_size} prompts, seeds {list(seeds)}; then "
+          f"per seed a shared generation round and {len(methods)} rows ({settings.pref_steps} steps each), plus "
+          f"{len(VALUE_PATHS)} library-value runs ({settings.value_steps} steps) from seed {seeds[0]}'s base, on "
+          f"{settings.workers} worker process(es)", flush=True)
+
+    rounds, main_cpu = {}, {"round": 0.0}
+    shared = dict(lr=settings.pref_lr, beta=settings.beta, warmup_steps=5)
+
+    def seed_tasks(seed, sft_result):
+        """A finished base → its shared round and row data (here, in the main process) → its runs."""
+        started = time.process_time()
+        seed_settings = replace(settings, round_options={**settings.round_options, "seed": seed})
+        init = str(base_folder(seed))
+        base = Trainer(_config(settings, "sft", out / "base" / f"seed{seed}", init=init),
+                       train_records=train_records, eval_records=[])
+        round_ = rounds[seed] = selfpref_demo.shared_round(base, train_records, seed_settings)
+        print(f"[demo] seed {seed}: base held-out exact match {sft_result['accuracy']:.3f} (noise images "
+              f"{sft_result['noise_accuracy']:.3f}); shared round: {len(round_.records)}/{len(train_records)} "
+              f"prompts have a negative group, {round_.generated_answers / len(train_records):.2f} answers "
+              f"generated per prompt ({round_.seconds:.0f} s)", flush=True)
+        tasks = []
+        if seed == seeds[0]:
+            smpro_records = selfpref_demo.ranked_lists(base, train_records, seed_settings)
+            tasks += [RunTask(("value", label), f"value: SMPRO, {label}",
+                              _config(settings, "smpro", out / "value" / f"path{i}", steps=settings.value_steps,
+                                      pack_prompts=pack, seed=seed, init=init, **shared),
+                              smpro_records, [], backend=impl, measure=True, threads=settings.threads)
+                      for i, (label, pack, impl) in enumerate(VALUE_PATHS)]
+        row_tasks = []
         for demo_method in methods:
+            records = demo_method.build_records(base, train_records, seed_settings)
+            export_jsonl(records, out / "data" / f"{demo_method.name}_seed{seed}.jsonl")
             config = _config(settings, demo_method.method, out / "runs" / demo_method.name / f"seed{seed}",
-                             steps=settings.pref_steps, seed=seed, **{**shared, **demo_method.overrides})
+                             steps=settings.pref_steps, seed=seed, init=init, **{**shared, **demo_method.overrides})
             row_tasks.append(RunTask((demo_method.name, seed), f"{demo_method.label}, seed {seed}", config,
-                                     row_records[demo_method.name], eval_records, threads=settings.threads))
-    # the slowest runs (MISP-DPO: unpacked, plus its gallery selection) first, so both workers finish together
-    tasks += sorted(row_tasks, key=lambda task: task.config.method != "misp_dpo")
-    del base  # the workers load the base from its run folder
+                                     records, eval_records, threads=settings.threads))
+        # the slowest runs (MISP-DPO: unpacked, plus its gallery selection) first, so the workers finish together
+        main_cpu["round"] += time.process_time() - started
+        return tasks + sorted(row_tasks, key=lambda task: task.config.method != "misp_dpo")
 
-    print(f"[demo] {len(tasks)} runs on {settings.workers} worker process(es): {len(VALUE_PATHS)} library-value "
-          f"runs ({settings.value_steps} steps), {len(methods)} rows × {len(settings.seeds)} seeds "
-          f"({settings.pref_steps} steps × {settings.batch_size} prompts each)", flush=True)
     bar = None
     if interactive:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(tasks), desc="runs", dynamic_ncols=True)
+        bar = tqdm(total=len(seeds) * (1 + len(methods)) + len(VALUE_PATHS), desc="runs", dynamic_ncols=True)
 
     def on_done(task, result):
         accuracy = "" if result["accuracy"] is None else f"held-out exact match {result['accuracy']:.3f}, "
@@ -337,19 +358,21 @@ def run_demo(settings, methods=None):
         else:
             bar.write(line)
             bar.update(1)
+        return seed_tasks(task.key[1], result) if task.key[0] == "sft" else []
 
-    results = run_parallel(tasks, settings.workers, on_done)
+    results = run_parallel(sft_tasks, settings.workers, on_done)
     if bar is not None:
         bar.close()
     value = [{"label": label, "pack_prompts": pack, "backend": impl, **results[("value", label)]}
              for label, pack, impl in VALUE_PATHS]
-    rows = aggregate_rows(methods, settings.seeds, results)
+    base_row = aggregate_bases(seeds, results)
+    rows = aggregate_rows(methods, seeds, results, base_row)
     timing = {"wall": time.perf_counter() - started_wall, "main_cpu": time.process_time() - started_cpu,
               "worker_cpu": sum(r["cpu_seconds"] for r in results.values()), "workers": settings.workers,
-              "sft_cpu": base_row["cpu_seconds"], "round_cpu": round_cpu,
-              "run_cpu": {f"{task.key[0]}/{task.key[1]}": results[task.key]["cpu_seconds"] for task in tasks}}
-    misp_path = out / "runs" / "misp_dpo" / f"seed{settings.seeds[0]}" / "selfpref" / "misp_negatives.json"
-    report = write_report(settings, out, base_row, value, rows, round_, timing, misp_path)
+              "sft_cpu": sum(results[("sft", seed)]["cpu_seconds"] for seed in seeds), "round_cpu": main_cpu["round"],
+              "run_cpu": {f"{key[0]}/{key[1]}": result["cpu_seconds"] for key, result in results.items()}}
+    misp_path = out / "runs" / "misp_dpo" / f"seed{seeds[0]}" / "selfpref" / "misp_negatives.json"
+    report = write_report(settings, out, base_row, value, rows, rounds, timing, misp_path)
     print("\n" + report.split("\n## The shared generation round")[0], flush=True)
     return {"base": base_row, "value": value, "rows": rows, "timing": timing}
 
@@ -363,9 +386,24 @@ def _mean_sd(values):
     return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
 
 
-def aggregate_rows(methods, seeds, results):
-    """Per row: accuracies per seed, mean ± sd overall and per question kind, and the paired difference (same
-    seed) to the `PAIRED_TO` row."""
+def aggregate_bases(seeds, results):
+    """The base row from the per-seed SFT runs (keys ("sft", seed)): accuracies per seed, mean ± sd overall, per
+    question kind, with noise images, malformed answers and wall time; chance (the same for every seed)."""
+    runs = [results[("sft", seed)] for seed in seeds]
+    accuracies = [run["accuracy"] for run in runs]
+    return {"accuracies": accuracies, "accuracy": _mean_sd(accuracies),
+            "per_task": {task: _mean_sd(run["per_task"].get(task, float("nan")) for run in runs) for task in TASKS},
+            "noise_accuracies": [run["noise_accuracy"] for run in runs],
+            "noise_accuracy": _mean_sd(run["noise_accuracy"] for run in runs),
+            "noise_per_task": {task: _mean_sd(run["noise_per_task"].get(task, float("nan")) for run in runs)
+                               for task in TASKS},
+            "chance": runs[0]["chance"], "malformed": _mean_sd(run["malformed"] for run in runs),
+            "seconds": _mean_sd(run["wall_seconds"] for run in runs)}
+
+
+def aggregate_rows(methods, seeds, results, base_row=None):
+    """Per row: accuracies per seed, mean ± sd overall and per question kind, and the paired differences (same
+    seed) to the base (``base_row["accuracies"]``, in ``seeds`` order) and to the `PAIRED_TO` row."""
     rows = []
     reference = {seed: results[(PAIRED_TO, seed)]["accuracy"] for seed in seeds} if any(
         m.name == PAIRED_TO for m in methods) else None
@@ -382,6 +420,8 @@ def aggregate_rows(methods, seeds, results):
                "seconds": _mean_sd(run["wall_seconds"] for run in runs)}
         if reference is not None:
             row["vs_paired"] = _mean_sd(a - reference[seed] for a, seed in zip(accuracies, seeds))
+        if base_row is not None:
+            row["vs_base"] = _mean_sd(a - b for a, b in zip(accuracies, base_row["accuracies"], strict=True))
         rows.append(row)
     return rows
 
@@ -391,6 +431,10 @@ def aggregate_rows(methods, seeds, results):
 
 def _pm(mean_sd, digits=3):
     return f"{mean_sd[0]:.{digits}f} ± {mean_sd[1]:.{digits}f}"
+
+
+def _list(values):
+    return ", ".join(f"{value:.3f}" for value in values)
 
 
 def value_table(value, steps):
@@ -411,16 +455,16 @@ def value_table(value, steps):
 
 def method_table(base_row, rows):
     tasks = list(TASKS)
-    header = ["row", "held-out exact match (mean ± sd)", *tasks, f"− {PAIRED_TO.upper()} (paired, mean ± sd)",
-              "malformed answers", "prompts trained on", "wall s / run"]
+    header = ["row", "held-out exact match (mean ± sd)", *tasks, "− base (paired, mean ± sd)",
+              f"− {PAIRED_TO.upper()} (paired, mean ± sd)", "malformed answers", "prompts trained on", "wall s / run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append("| " + " | ".join(["base (SFT warm-up, one run)", f"{base_row['accuracy']:.3f}",
-                                    *(f"{base_row['per_task'].get(t, float('nan')):.2f}" for t in tasks), "–",
-                                    f"{base_row['malformed']:.2f}", "–", f"{base_row['seconds']:.0f}"]) + " |")
+    lines.append("| " + " | ".join(["base (SFT warm-up)", _pm(base_row["accuracy"]),
+                                    *(_pm(base_row["per_task"][t], 2) for t in tasks), "–", "–",
+                                    _pm(base_row["malformed"], 2), "–", f"{base_row['seconds'][0]:.0f}"]) + " |")
     for row in rows:
         paired = "–" if row["name"] == PAIRED_TO or "vs_paired" not in row else _pm(row["vs_paired"])
         lines.append("| " + " | ".join([row["label"], _pm(row["accuracy"]),
-                                        *(_pm(row["per_task"][t], 2) for t in tasks), paired,
+                                        *(_pm(row["per_task"][t], 2) for t in tasks), _pm(row["vs_base"]), paired,
                                         _pm(row["malformed"], 2), str(row["train_prompts"]),
                                         f"{row['seconds'][0]:.0f}"]) + " |")
     return "\n".join(lines)
@@ -438,25 +482,26 @@ def _verdict(difference, spread, sampling_error):
 
 
 def observations(base_row, rows, num_seeds, num_eval):
-    """Plain statements read off the numbers: a difference "exceeds the seed spread" when its mean is more
-    than twice its standard deviation over the seeds; it is also set against the held-out set's binomial
-    standard error (the same prompts for every run, so the seeds do not sample it)."""
-    accuracy = base_row["accuracy"]
+    """Plain statements read off the numbers: a paired difference (same seed) "exceeds the seed spread" when its
+    mean is more than twice its standard deviation over the seeds; it is also set against the held-out set's
+    binomial standard error (the same prompts for every run, so the seeds do not sample it)."""
+    accuracy = base_row["accuracy"][0]
     sampling_error = (max(accuracy * (1 - accuracy), 0.0) / num_eval) ** 0.5
     lines = []
     for row in rows:
         mean, sd = row["accuracy"]
-        change = mean - accuracy
-        line = (f"- {row['label']}: {100 * mean:.1f} ± {100 * sd:.1f} held-out exact match, {100 * change:+.1f} "
-                f"points vs the base, which {_verdict(change, sd, sampling_error)}")
+        change, change_sd = row["vs_base"]
+        line = (f"- {row['label']}: {100 * mean:.1f} ± {100 * sd:.1f} held-out exact match; vs its base seed by "
+                f"seed {100 * change:+.1f} ± {100 * change_sd:.1f} points, which "
+                f"{_verdict(change, change_sd, sampling_error)}")
         if row["name"] != PAIRED_TO and "vs_paired" in row:
             diff, diff_sd = row["vs_paired"]
             line += (f"; vs {PAIRED_TO.upper()} seed by seed {100 * diff:+.1f} ± {100 * diff_sd:.1f} points, which "
                      f"{_verdict(diff, diff_sd, sampling_error)}")
         lines.append(line + ".")
-    lines.append(f"- Rule: a difference exceeds the seed spread when |mean| > 2 sd over the {num_seeds} seeds. Every "
-                 "seed shares the base, the shared round and the held-out set, so that spread is the preference "
-                 "training order's alone; the base is one run.")
+    lines.append(f"- Rule: a difference exceeds the seed spread when |mean| > 2 sd over the {num_seeds} seeds. A "
+                 "seed is a whole pipeline (model initialisation, SFT, generation round, preference batch order); "
+                 "every seed shares the training prompts and the held-out set.")
     return "\n".join(lines)
 
 
@@ -486,8 +531,8 @@ def plot_demo(out, base_row, value, rows, steps):
 
     figure, axis = plt.subplots(figsize=(9, 3.6))
     labels = ["base"] + [r["label"].split(" (")[0].replace("upper bound: ", "upper bound:\n") for r in rows]
-    means = [base_row["accuracy"]] + [r["accuracy"][0] for r in rows]
-    errors = [0.0] + [r["accuracy"][1] for r in rows]
+    means = [base_row["accuracy"][0]] + [r["accuracy"][0] for r in rows]
+    errors = [base_row["accuracy"][1]] + [r["accuracy"][1] for r in rows]
     axis.bar(labels, means, yerr=errors, capsize=4, color=["tab:gray"] + ["tab:blue"] * len(rows))
     axis.axhline(base_row["chance"], color="black", linestyle=":", linewidth=1, label="chance")
     axis.set_title("held-out exact match, mean ± sd over seeds")
@@ -499,17 +544,21 @@ def plot_demo(out, base_row, value, rows, steps):
 
 
 def _cells(per_task, tasks):
-    return " | ".join(f"{per_task.get(task, float('nan')):.2f}" for task in tasks)
+    return " | ".join(_pm(per_task[task], 2) for task in tasks)
 
 
-def write_report(settings, out, base_row, value, rows, round_, timing, misp_path):
+def write_report(settings, out, base_row, value, rows, rounds, timing, misp_path):
     table = value_table(value, settings.value_steps)
     plot_demo(out, base_row, value, rows, settings.value_steps)
     packed, unpacked = value[0], value[1]
     tasks = list(TASKS)
     estimate = timing["main_cpu"] + timing["worker_cpu"] / timing["workers"]
     reused = "" if settings.base is None else f" (reused from `{settings.base}`)"
-    standard_error = (max(base_row["accuracy"] * (1 - base_row["accuracy"]), 0.0) / settings.num_eval) ** 0.5
+    accuracy = base_row["accuracy"][0]
+    standard_error = (max(accuracy * (1 - accuracy), 0.0) / settings.num_eval) ** 0.5
+    seeds = list(settings.seeds)
+    round_ = rounds[seeds[0]]
+    negatives = ", ".join(f"seed {seed}: {len(rounds[seed].records)}" for seed in seeds)
     text = f"""# prefrank demo: tiny LLaVA on synthetic visual QA
 
 Everything offline on CPU: a randomly initialised LLaVA (CLIP vision tower + Llama text model, built from
@@ -520,11 +569,11 @@ resizes them to the model's input size) with templated questions. {settings.num_
 
 ## What prefrank buys: the same SMPRO training, three ways
 
-The same SMPRO run ({settings.value_steps} steps × {settings.batch_size} prompts from the SFT base, same seed,
-data and lr) with prefrank's kernels and shared-prompt packing (each prompt and its image once for all of
-its answers), with prefrank's kernels unpacked (one row per answer), and on the pure-PyTorch path (backend
-"reference": materialised logits + log_softmax, dense sorting network, unpacked). Each path runs in a fresh
-process with one thread; step time = median CPU time per step (steps 2–{settings.value_steps}; CPU time, not
+The same SMPRO run ({settings.value_steps} steps × {settings.batch_size} prompts from seed {seeds[0]}'s SFT
+base, same seed, data and lr) with prefrank's kernels and shared-prompt packing (each prompt and its image
+once for all of its answers), with prefrank's kernels unpacked (one row per answer), and on the pure-PyTorch
+path (backend "reference": materialised logits + log_softmax, dense sorting network, unpacked). Each path runs
+in a fresh process with one thread; step time = median CPU time per step (steps 2–{settings.value_steps}; CPU time, not
 wall time, so other load on the machine does not enter); peak = resident-set high-water mark during training
 minus the resident set before it (model, optimizer and data already built).
 
@@ -538,24 +587,26 @@ step, {unpacked['peak_mib'] / max(packed['peak_mib'], 1e-9):.2f}× less peak mem
 
 ## The base and its image ablation
 
-SFT warm-up on the labelled answers, {settings.sft_steps} steps × {settings.batch_size} prompts, lr
-{settings.sft_lr}{reused}: held-out exact match **{base_row['accuracy']:.3f}** (binomial standard error about
-{100 * standard_error:.1f} points). With every held-out image replaced by uniform noise:
-**{base_row['noise_accuracy']:.3f}** (chance {base_row['chance']:.3f}).
+SFT warm-up on the labelled answers, one per seed {seeds} (model initialisation and batch order),
+{settings.sft_steps} steps × {settings.batch_size} prompts, lr {settings.sft_lr}{reused}: held-out exact match
+**{_pm(base_row['accuracy'])}** (mean ± sd over the seeds; per seed {_list(base_row['accuracies'])}; one
+accuracy's binomial standard error on {settings.num_eval} prompts is about {100 * standard_error:.1f} points).
+With every held-out image replaced by uniform noise: **{_pm(base_row['noise_accuracy'])}** (per seed
+{_list(base_row['noise_accuracies'])}; chance {base_row['chance']:.3f}).
 
-| | overall | {' | '.join(tasks)} |
+| base, mean ± sd over seeds | overall | {' | '.join(tasks)} |
 |---|---|{'---|' * len(tasks)}
-| clean images | {base_row['accuracy']:.3f} | {_cells(base_row['per_task'], tasks)} |
-| noise images | {base_row['noise_accuracy']:.3f} | {_cells(base_row['noise_per_task'], tasks)} |
+| clean images | {_pm(base_row['accuracy'])} | {_cells(base_row['per_task'], tasks)} |
+| noise images | {_pm(base_row['noise_accuracy'])} | {_cells(base_row['noise_per_task'], tasks)} |
 
 ## Method effects over {len(settings.seeds)} seeds
 
-Every row starts from the base with {settings.pref_steps} steps × {settings.batch_size} prompts, lr
-{settings.pref_lr}, β = {settings.beta}, once per seed {list(settings.seeds)} (the seed sets the batch order;
-the base, the shared generation round and the held-out set are the same for every seed). No per-method
-tuning. The label-free rows train on the shared round of the base (next section); the upper-bound row trains on
-the labels and is a reference point, not a competitor. Paired difference: the row's accuracy minus DPO's
-accuracy with the same seed, mean ± sd over seeds.
+Every row runs once per seed {seeds}, from that seed's base, with {settings.pref_steps} steps ×
+{settings.batch_size} prompts, lr {settings.pref_lr}, β = {settings.beta} (the seed also sets the batch order).
+No per-method tuning. The label-free rows of a seed train on the shared generation round of that seed's base
+(next section; prompts with a negative group: {negatives} of {settings.num_train}); the upper-bound row trains
+on the labels and is a reference point, not a competitor. Paired differences: the row's accuracy minus its
+base's, and minus DPO's, with the same seed, mean ± sd over seeds.
 
 {method_table(base_row, rows)}
 
@@ -567,12 +618,14 @@ What the differences show (generated from the numbers above):
 ## Time
 
 Total wall time {timing['wall']:.0f} s ({timing['workers']} worker process(es), {settings.threads} thread(s)
-each). CPU time: {timing['main_cpu']:.0f} s in the main process (SFT, round, ablation) + {timing['worker_cpu']:.0f} s
-in the workers, i.e. about {estimate:.0f} s of wall time on {timing['workers']} otherwise idle core(s).
+each). CPU time: {timing['main_cpu']:.0f} s in the main process (generation rounds, preference data) +
+{timing['worker_cpu']:.0f} s in the workers (of which the SFTs and their ablations {timing['sft_cpu']:.0f} s), i.e.
+about {estimate:.0f} s of wall time on {timing['workers']} otherwise idle core(s).
 
-Runs: `{out}/sft/` (base), `{out}/value/` (library-value runs), `{out}/runs/<row>/seed<k>/` (metrics.jsonl,
-training.png, final/), `<run>.log` next to each run; `data/`: the held-out set and each row's preference data
-as JSONL + PNG (`python -m prefrank.train --data …`), `data/shared_round.jsonl`: the shared round.
+Runs: `{out}/sft/seed<k>/` (the bases), `{out}/value/` (library-value runs), `{out}/runs/<row>/seed<k>/`
+(metrics.jsonl, training.png, final/), `<run>.log` next to each run; `data/`: the held-out set and each row's
+preference data per seed as JSONL + PNG (`python -m prefrank.train --data …`),
+`data/shared_round_seed<k>.jsonl`: each seed's shared round. The next section describes seed {seeds[0]}'s.
 
 {selfpref_demo.report_section(round_, misp_path)}
 """

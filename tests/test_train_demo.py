@@ -37,31 +37,38 @@ def test_demo_quick_writes_report_table_and_plots(tmp_path, capsys):
         assert path["max_delta"] < 1e-4 and path["step_ms"] > 0 and path["peak_mib"] > 0
     assert value[0]["max_delta"] == 0.0
 
-    base = result["base"]
-    assert 0.0 <= base["noise_accuracy"] <= 1.0 and 0.2 < base["chance"] < 0.4
+    base = result["base"]  # one SFT base per seed, every row paired with its seed's base
+    assert len(base["accuracies"]) == len(base["noise_accuracies"]) == len(seeds)
+    assert base["accuracy"][0] == pytest.approx(sum(base["accuracies"]) / len(seeds))
+    assert 0.0 <= base["noise_accuracy"][0] <= 1.0 and 0.2 < base["chance"] < 0.4
+    for row in rows:
+        differences = [a - b for a, b in zip(row["accuracies"], base["accuracies"])]
+        assert row["vs_base"][0] == pytest.approx(sum(differences) / len(seeds))
 
     report = (tmp_path / "report.md").read_text()
     sections = ["## What prefrank buys", "## The base and its image ablation", "## Method effects over",
                 "## Time", "## The shared generation round"]
     assert [report.index(s) for s in sections] == sorted(report.index(s) for s in sections)
     assert "Packed vs unpacked" in report and "| noise images |" in report
-    assert "| base (SFT warm-up, one run) |" in report and "| DPO (one pair / prompt) |" in report
+    assert "| base (SFT warm-up) |" in report and "| DPO (one pair / prompt) |" in report
     assert "| S-DPO (chosen ≻ unordered negatives) |" in report and "upper bound" in report
     assert "seed by seed" in report
     assert (tmp_path / "demo.png").stat().st_size > 0 and (tmp_path / "value.png").stat().st_size > 0
     out = capsys.readouterr().out
     # not a terminal: one line per finished run, no carriage-return progress bars
     assert "\r" not in out
-    assert out.count("[demo] done: ") == len(demo.VALUE_PATHS) + len(rows) * len(seeds)
+    assert out.count("[demo] done: ") == len(demo.VALUE_PATHS) + (1 + len(rows)) * len(seeds)
 
-    # one shared round: 32 prompts × (1 + 2 samples on the clean view + 3 levels × (1 + 2 samples))
-    round_lines = [json.loads(line) for line in (tmp_path / "data" / "shared_round.jsonl").read_text().splitlines()]
+    # one shared round per seed: 32 prompts × (1 + 2 samples on the clean view + 3 levels × (1 + 2 samples))
+    assert all((tmp_path / "data" / f"shared_round_seed{seed}.jsonl").exists() for seed in seeds)
+    round_lines = [json.loads(line)
+                   for line in (tmp_path / "data" / "shared_round_seed0.jsonl").read_text().splitlines()]
     assert len(round_lines) == 32
     assert all(sum(map(len, g["meta"]["generated"].values())) == 12 for g in round_lines)
     kept = [g for g in round_lines if len(set(g["groups"])) > 1]
     assert kept, "the quick round must give prompts a negative group"
     by_name = {row["name"]: row for row in rows}
-    for name in ("dpo", "listwise", "sdpo", "smpro"):
+    for name in ("dpo", "listwise", "sdpo", "smpro"):  # train_prompts: seed 0's
         assert by_name[name]["train_prompts"] == len(kept)
         assert by_name[name]["extra_generated"] == 0
     assert by_name["gold_listwise"]["train_prompts"] == 32
@@ -70,12 +77,12 @@ def test_demo_quick_writes_report_table_and_plots(tmp_path, capsys):
     counts = [row["candidates"] for row in misp["rows"]]              # per-prompt candidate sets, not one cap
     assert (f"candidates per prompt: mean {misp['candidates']['mean']:.1f} (min {min(counts)}, "
             f"max {max(counts)}") in report
-    pairs = [json.loads(line) for line in (tmp_path / "data" / "dpo.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (tmp_path / "data" / "dpo_seed0.jsonl").read_text().splitlines()]
     assert len(pairs) == len(kept) and all(p["groups"] == [0, 1] for p in pairs)
     assert [p["responses"][0] for p in pairs] == [g["meta"]["generated"]["clean"][0] for g in kept]
-    lists = [json.loads(line) for line in (tmp_path / "data" / "smpro.jsonl").read_text().splitlines()]
+    lists = [json.loads(line) for line in (tmp_path / "data" / "smpro_seed0.jsonl").read_text().splitlines()]
     assert [(r["responses"], r["groups"]) for r in lists] == [(g["responses"], g["groups"]) for g in kept]
-    sdpo = [json.loads(line) for line in (tmp_path / "data" / "sdpo.jsonl").read_text().splitlines()]
+    sdpo = [json.loads(line) for line in (tmp_path / "data" / "sdpo_seed0.jsonl").read_text().splitlines()]
     assert all(r["groups"] == [0] + [1] * (len(r["groups"]) - 1) for r in sdpo)
 
 
@@ -139,19 +146,23 @@ def test_rows_aggregate_over_seeds_with_paired_differences_and_plain_verdicts():
     results = {(name, seed): {"accuracy": acc, "per_task": {"color": acc}, "malformed": 0.0, "train_prompts": 7,
                               "extra_generated": 0, "wall_seconds": 1.0}
                for name, values in accuracy.items() for seed, acc in zip((0, 1, 2), values)}
-    rows = {row["name"]: row for row in demo.aggregate_rows(methods, (0, 1, 2), results)}
+    base_row = {"accuracy": (0.45, 0.06), "accuracies": [0.40, 0.52, 0.43]}  # one base per seed
+    rows = {row["name"]: row for row in demo.aggregate_rows(methods, (0, 1, 2), results, base_row)}
     assert rows["smpro"]["accuracy"] == (pytest.approx(0.55), pytest.approx(0.05))
     assert rows["smpro"]["vs_paired"] == (pytest.approx(0.10), pytest.approx(0.0, abs=1e-12))  # +0.10 every seed
     assert rows["listwise"]["vs_paired"][0] == pytest.approx(0.05 / 3)
     assert rows["listwise"]["per_task"]["color"][0] == pytest.approx(1.4 / 3)
     assert rows["listwise"]["per_task"]["count"][0] != rows["listwise"]["per_task"]["count"][0]  # NaN: no data
-    text = demo.observations({"accuracy": 0.45}, list(rows.values()), 3, num_eval=256)  # SE ≈ 3.1 points
+    assert rows["smpro"]["vs_base"] == (pytest.approx(0.10), pytest.approx(0.02))  # paired: its seed's base
+    text = demo.observations(base_row, list(rows.values()), 3, num_eval=256)  # SE ≈ 3.1 points
     smpro_line = next(line for line in text.splitlines() if line.startswith("- SMPRO"))
     listwise_line = next(line for line in text.splitlines() if line.startswith("- listwise"))
+    assert "vs its base seed by seed +10.0 ± 2.0 points, which exceeds both" in smpro_line
+    assert "vs its base seed by seed +1.7 ± 7.6 points, which does NOT exceed" in listwise_line
     assert "+10.0 ± 0.0 points, which exceeds both the seed spread and the held-out sampling error" in smpro_line
     assert "+1.7 ± 5.8 points, which does NOT exceed the seed spread" in listwise_line
     rows["listwise"]["vs_paired"] = (0.02, 0.005)
-    text = demo.observations({"accuracy": 0.45}, list(rows.values()), 3, num_eval=256)
+    text = demo.observations(base_row, list(rows.values()), 3, num_eval=256)
     assert "+2.0 ± 0.5 points, which exceeds the seed spread but not the held-out sampling error (±3.1" in text
 
 
