@@ -8,7 +8,9 @@
 //    non-decreasing level (equal keys = one tie group). It validates on the way (ranking entries in
 //    [-1, K), -1 only as tail padding, no duplicates; groups >= -1) and reports a bad list, for which the
 //    kernels write NaN (never an out-of-bounds read). Items outside the list (mask False, -1 padding) are
-//    never loaded, so NaN there is ignored.
+//    never loaded, so NaN there is ignored. Groups given unsorted whose levels span at most K values are
+//    not sorted: the level path (list_nll_levels, below) accumulates per level instead, with the same
+//    arithmetic per group; only sparse levels (a span above K) are sorted (O(n log n)).
 // 2. Groups are walked from the worst to the best. With risk sets R_m = G_m ∪ … ∪ G_M, S_m = Σ_{j∈R_m} e^{s_j},
 //    A_m = Σ_{i∈G_m} e^{s_i}, d_m = |G_m| and the tie coefficients c_ℓ = 0 (Breslow) or ℓ/d_m (Efron),
 //    each scored group (index from the best m < top_k) adds
@@ -185,18 +187,30 @@ struct GroupTerms {
   acc_t v;          // Σ_ℓ c_ℓ/(1 − c_ℓ ρ)  (0 for Breslow)
 };
 
+// Efron: Σ_ℓ log(keep_ℓ) is taken as the log of running products, one log per run instead of one per factor.
+// Every factor keep_ℓ ≥ 1/d > 2^-31, so a product flushed into the sum once it drops below 2^-64 stays above
+// 2^-95, a normal float.
 template <typename acc_t>
 PF_HD GroupTerms<acc_t> group_terms(int64_t d, acc_t rho, int64_t ties) {
   GroupTerms<acc_t> t{acc_t(0), static_cast<acc_t>(d), acc_t(0)};
   if (ties != kEfron || d == 1) return t;
+  const acc_t flush_below = acc_t(5.42101086242752217e-20);  // 2^-64
+  const acc_t inv_d = acc_t(1) / static_cast<acc_t>(d);
+  acc_t product = acc_t(1);
   t.u = acc_t(0);
   for (int64_t l = 0; l < d; ++l) {
-    const acc_t c = static_cast<acc_t>(l) / static_cast<acc_t>(d);
+    const acc_t c = static_cast<acc_t>(l) * inv_d;
     const acc_t keep = acc_t(1) - c * rho;  // ≥ 1/d since c ≤ (d−1)/d and ρ ≤ 1
-    t.log_terms += log_(keep);
-    t.u += acc_t(1) / keep;
-    t.v += c / keep;
+    const acc_t inv_keep = acc_t(1) / keep;
+    product *= keep;
+    if (product < flush_below) {
+      t.log_terms += log_(product);
+      product = acc_t(1);
+    }
+    t.u += inv_keep;
+    t.v += c * inv_keep;
   }
+  t.log_terms += log_(product);
   return t;
 }
 

@@ -513,6 +513,8 @@ def test_group_paths_efron_large_tie_groups(seed, path, ties):
     scores = torch.randn(4, 300, dtype=torch.float64)
     assert_matches_reference(scores, TOL[torch.float64], groups=groups, mask=mask, ties=ties, top_k=None)
     assert_matches_reference(scores, TOL[torch.float64], groups=groups, mask=mask, ties=ties, top_k=2)
+    # the worst group has ρ = 1: Efron's factors 1 − ℓ/d multiply below 2^-64 (the flushed running product)
+    assert_matches_reference(scores.float(), TOL[torch.float32], groups=groups, mask=mask, ties=ties)
 
 
 @pytest.mark.parametrize("path", GROUP_PATHS)
