@@ -68,12 +68,16 @@ at::ScalarType acc_dtype(const at::Tensor& scores) {
   return scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Per-task buffers of the canonical order (reused across the task's lists: they stay in L1/L2).
+// Per-task buffers of the canonical order and the per-level/per-place accumulators (reused across the task's
+// lists: they stay in L1/L2).
+template <typename acc_t>
 struct Workspace {
-  std::vector<int32_t> item;
+  std::vector<int32_t> item, count;
   std::vector<int64_t> key;
   std::vector<uint8_t> seen;
-  explicit Workspace(int64_t K) : item(K), key(K), seen(K, 0) {}
+  std::vector<acc_t> acc;
+  Workspace(int64_t K, int64_t acc_buffers) : item(K), count(K), key(K), seen(K, 0), acc(acc_buffers * K) {}
+  acc_t* buffer(int64_t i) { return acc.data() + i * static_cast<int64_t>(item.size()); }
 };
 
 constexpr int64_t kGrainItems = 16384;  // items per parallel task: amortises the task start
@@ -280,11 +284,12 @@ at::Tensor plackett_luce_nll_fwd_cpu(const at::Tensor& scores, const std::option
     acc_t* out = nll.mutable_data_ptr<acc_t>();
     const bool vectorised = fast::applies(batch, scores.scalar_type());
     at::parallel_for(0, batch.B, grain(batch.K), [&](int64_t begin, int64_t end) {
-      Workspace ws(batch.K);
+      Workspace<acc_t> ws(batch.K, 3);
       auto scalar_list = [&](int64_t b) {
         const auto list = batch.list(s, sb, sk, b);
-        const int64_t n = pl::canonical_list(list, ws.item.data(), ws.key.data(), ws.seen.data());
-        out[b] = pl::list_nll<acc_t>(list, ws.item.data(), ws.key.data(), n, top_k, ties);
+        const pl::Canonical c = pl::canonical_list(list, ws.item.data(), ws.key.data(), ws.seen.data());
+        out[b] = pl::list_nll<acc_t>(list, ws.item.data(), ws.key.data(), c, top_k, ties, ws.count.data(),
+                                     ws.buffer(0), ws.buffer(1), ws.buffer(2));
       };
       if constexpr (std::is_same_v<acc_t, float>) {
         if (vectorised) {
@@ -331,14 +336,13 @@ at::Tensor plackett_luce_nll_bwd_cpu(const at::Tensor& grad_nll, const at::Tenso
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     const bool vectorised = fast::applies(batch, scores.scalar_type());
     at::parallel_for(0, batch.B, grain(batch.K), [&](int64_t begin, int64_t end) {
-      Workspace ws(batch.K);
-      std::vector<acc_t> acc(3 * batch.K);
+      Workspace<acc_t> ws(batch.K, 4);
       auto scalar_list = [&](int64_t b) {
         const auto list = batch.list(s, sb, sk, b);
-        const int64_t n = pl::canonical_list(list, ws.item.data(), ws.key.data(), ws.seen.data());
-        pl::list_nll_backward<acc_t>(gn[b * gs], list, ws.item.data(), ws.key.data(), n, top_k, ties,
-                                     out + b * batch.K, 1, acc.data(), acc.data() + batch.K,
-                                     acc.data() + 2 * batch.K);
+        const pl::Canonical c = pl::canonical_list(list, ws.item.data(), ws.key.data(), ws.seen.data());
+        pl::list_nll_backward<acc_t>(gn[b * gs], list, ws.item.data(), ws.key.data(), c, top_k, ties,
+                                     out + b * batch.K, 1, ws.count.data(), ws.buffer(0), ws.buffer(1), ws.buffer(2),
+                                     ws.buffer(3));
       };
       if constexpr (std::is_same_v<acc_t, float>) {
         if (vectorised) {

@@ -22,23 +22,27 @@ constexpr int kThreads = 128;
 template <typename acc_t>
 struct Scratch {  // item-major per-list buffers carved out of one allocation
   int32_t* item;
+  int32_t* count;  // per level (the level path of plackett_luce_math.h)
   int64_t* key;
   uint8_t* seen;
-  acc_t* acc;  // 3 buffers (backward only)
+  acc_t* acc;  // 3 (forward) or 4 (backward) buffers of K entries per list
 
+  static constexpr int64_t kSeenOffset = 16;  // bytes per (list, item) before the seen marks
+  static int64_t acc_buffers(bool backward) { return backward ? 4 : 3; }
   static int64_t bytes(int64_t B, int64_t K, bool backward) {
     const int64_t n = B * K;
-    return n * (8 + 4 + 1) + 16 + (backward ? 3 * n * int64_t(sizeof(acc_t)) + 16 : 0);
+    return acc_offset(n) + acc_buffers(backward) * n * int64_t(sizeof(acc_t));
   }
+  __host__ __device__ static int64_t acc_offset(int64_t n) { return (n * (kSeenOffset + 1) + 15) / 16 * 16; }
   __host__ __device__ static Scratch carve(void* base, int64_t B, int64_t K) {
     const int64_t n = B * K;
     char* p = static_cast<char*>(base);
     Scratch s;
     s.key = reinterpret_cast<int64_t*>(p);  // allocation is 256-byte aligned
     s.item = reinterpret_cast<int32_t*>(p + n * 8);
-    s.seen = reinterpret_cast<uint8_t*>(p + n * 12);
-    const int64_t acc_offset = ((n * 13 + 16) + 15) / 16 * 16;
-    s.acc = reinterpret_cast<acc_t*>(p + acc_offset);
+    s.count = reinterpret_cast<int32_t*>(p + n * 12);
+    s.seen = reinterpret_cast<uint8_t*>(p + n * kSeenOffset);
+    s.acc = reinterpret_cast<acc_t*>(p + acc_offset(n));
     return s;
   }
 };
@@ -55,12 +59,15 @@ __global__ void __launch_bounds__(kThreads, 1) nll_fwd_kernel(Lists lists, acc_t
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (b >= lists.B) return;
   const Scratch<acc_t> s = Scratch<acc_t>::carve(workspace, lists.B, lists.K);
-  const pl::Strided<int32_t> item{s.item + b, lists.B};
+  const int64_t n_all = lists.B * lists.K;
+  const pl::Strided<int32_t> item{s.item + b, lists.B}, count{s.count + b, lists.B};
   const pl::Strided<int64_t> key{s.key + b, lists.B};
   const pl::Strided<uint8_t> seen{s.seen + b, lists.B};
+  const pl::Strided<acc_t> acc0{s.acc + b, lists.B}, acc1{s.acc + n_all + b, lists.B},
+      acc2{s.acc + 2 * n_all + b, lists.B};
   const auto list = list_of<scalar_t>(lists, b);
-  const int64_t n = pl::canonical_list(list, item, key, seen);
-  nll[b] = pl::list_nll<acc_t>(list, item, key, n, lists.top_k, lists.ties);
+  const pl::Canonical c = pl::canonical_list(list, item, key, seen);
+  nll[b] = pl::list_nll<acc_t>(list, item, key, c, lists.top_k, lists.ties, count, acc0, acc1, acc2);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -71,15 +78,15 @@ __global__ void __launch_bounds__(kThreads, 1) nll_bwd_kernel(Lists lists, const
   if (b >= lists.B) return;
   const Scratch<acc_t> s = Scratch<acc_t>::carve(workspace, lists.B, lists.K);
   const int64_t n_all = lists.B * lists.K;
-  const pl::Strided<int32_t> item{s.item + b, lists.B};
+  const pl::Strided<int32_t> item{s.item + b, lists.B}, count{s.count + b, lists.B};
   const pl::Strided<int64_t> key{s.key + b, lists.B};
   const pl::Strided<uint8_t> seen{s.seen + b, lists.B};
-  const pl::Strided<acc_t> share{s.acc + b, lists.B}, ratio{s.acc + n_all + b, lists.B},
-      rho{s.acc + 2 * n_all + b, lists.B};
+  const pl::Strided<acc_t> acc0{s.acc + b, lists.B}, acc1{s.acc + n_all + b, lists.B},
+      acc2{s.acc + 2 * n_all + b, lists.B}, acc3{s.acc + 3 * n_all + b, lists.B};
   const auto list = list_of<scalar_t>(lists, b);
-  const int64_t n = pl::canonical_list(list, item, key, seen);
-  pl::list_nll_backward<acc_t>(grad_nll[b * grad_nll_stride], list, item, key, n, lists.top_k, lists.ties,
-                               grad + b * lists.K, 1, share, ratio, rho);
+  const pl::Canonical c = pl::canonical_list(list, item, key, seen);
+  pl::list_nll_backward<acc_t>(grad_nll[b * grad_nll_stride], list, item, key, c, lists.top_k, lists.ties,
+                               grad + b * lists.K, 1, count, acc0, acc1, acc2, acc3);
 }
 
 unsigned blocks_for(int64_t B) { return static_cast<unsigned>((B + kThreads - 1) / kThreads); }
@@ -110,7 +117,7 @@ cudaError_t plackett_luce_nll_fwd(const Lists& lists, void* nll, void* workspace
   if (lists.B == 0) return cudaSuccess;
   // the kernels expect the "seen" marks zeroed (ranking mode); they leave them zeroed
   const int64_t n = lists.B * lists.K;
-  cudaError_t err = cudaMemsetAsync(static_cast<char*>(workspace) + n * 12, 0, n, stream);
+  cudaError_t err = cudaMemsetAsync(static_cast<char*>(workspace) + n * Scratch<float>::kSeenOffset, 0, n, stream);
   if (err != cudaSuccess) return err;
   switch (lists.dtype) {
     case Dtype::kFloat: return launch_fwd<float, float>(lists, nll, workspace, stream);
@@ -125,7 +132,7 @@ cudaError_t plackett_luce_nll_bwd(const Lists& lists, const void* grad_nll, int6
                                   cudaStream_t stream) {
   if (lists.B == 0) return cudaSuccess;
   const int64_t n = lists.B * lists.K;
-  cudaError_t err = cudaMemsetAsync(static_cast<char*>(workspace) + n * 12, 0, n, stream);
+  cudaError_t err = cudaMemsetAsync(static_cast<char*>(workspace) + n * Scratch<float>::kSeenOffset, 0, n, stream);
   if (err != cudaSuccess) return err;
   switch (lists.dtype) {
     case Dtype::kFloat: return launch_bwd<float, float>(lists, grad_nll, gs, grad, workspace, stream);

@@ -444,6 +444,162 @@ def test_small_integer_groups_accepted(seed, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Groups: the kernels' three paths. Levels sorted along the items: the group walk. Unsorted, within a range
+# of at most K levels: per-level accumulators, no sort. Unsorted over a wider range ("sparse"): sorted first.
+# ---------------------------------------------------------------------------------------------------------
+
+GROUP_PATHS = ("sorted", "levels", "sparse")
+
+
+def groups_for_path(B, K, path, *, ragged, spread=3):
+    """(groups, mask) of B lists (K >= 2) whose valid levels take the kernel path ``path`` in every list, about
+    ``spread`` items per level. Items 0 and 1 stay valid: they hold the highest and the lowest level
+    (unsorted paths), so the level range is known."""
+    span = max(2, K // spread)                                   # levels 0 .. span-1: a range <= K
+    step = K + 1 if path == "sparse" else 1                      # sparse: the range (span-1)(K+1) > K
+    levels = torch.randint(0, span, (B, K)) * step
+    if path == "sorted":
+        levels = levels.sort(-1).values
+    else:
+        levels[:, 0] = (span - 1) * step
+        levels[:, 1] = 0
+    mask = None
+    if ragged:
+        padded = torch.rand(B, K) < 0.2
+        padded[:, :2] = False
+        levels = torch.where(padded, -1, levels)
+        mask = torch.rand(B, K) > 0.2
+        mask[:, :2] = True
+    valid = (levels >= 0) & (True if mask is None else mask)
+    for row, keep in zip(levels, valid):                         # the inputs take the path they are named for
+        kept = row[keep]
+        in_order = bool((kept[1:] >= kept[:-1]).all())
+        assert in_order == (path == "sorted")
+        if path != "sorted":
+            assert (int(kept.max() - kept.min()) < K) == (path == "levels")
+    return levels, mask
+
+
+def assert_matches_reference(scores, tol, grad_tol=None, **kw):
+    """Forward and backward (random grad_nll) of the kernels against the float64 oracle on the same inputs."""
+    x = scores.detach().clone().requires_grad_()
+    got = ops.plackett_luce_nll(x, **kw)
+    x64 = scores.detach().double().clone().requires_grad_()
+    want = reference.plackett_luce_nll(x64, **kw)
+    torch.testing.assert_close(got.double(), want, **tol)
+    g = torch.rand(scores.shape[0], dtype=torch.float64) + 0.5
+    (got * g.to(got.dtype)).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, **(grad_tol or tol))
+    return x.grad
+
+
+@pytest.mark.parametrize("path", GROUP_PATHS)
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+@pytest.mark.parametrize("K", [2, 5, 16, 57])
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("top_k", [None, 1, 2])
+def test_group_paths_match_reference_fp64(seed, path, ties, K, ragged, top_k):
+    groups, mask = groups_for_path(11, K, path, ragged=ragged)
+    scores = torch.randn(11, K, dtype=torch.float64) * 2
+    assert_matches_reference(scores, TOL[torch.float64], groups=groups, mask=mask, ties=ties, top_k=top_k)
+
+
+@pytest.mark.parametrize("path", GROUP_PATHS)
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+def test_group_paths_efron_large_tie_groups(seed, path, ties):
+    """Three levels of ~100 tied items each: Efron's d terms per group."""
+    groups, mask = groups_for_path(4, 300, path, ragged=True, spread=100)
+    scores = torch.randn(4, 300, dtype=torch.float64)
+    assert_matches_reference(scores, TOL[torch.float64], groups=groups, mask=mask, ties=ties, top_k=None)
+    assert_matches_reference(scores, TOL[torch.float64], groups=groups, mask=mask, ties=ties, top_k=2)
+    # the worst group has ρ = 1: Efron's factors 1 − ℓ/d multiply below 2^-64 (the flushed running product)
+    assert_matches_reference(scores.float(), TOL[torch.float32], groups=groups, mask=mask, ties=ties)
+
+
+@pytest.mark.parametrize("path", GROUP_PATHS)
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_group_paths_low_precision(seed, path, ties, dtype):
+    groups, mask = groups_for_path(13, 21, path, ragged=True)
+    scores = (torch.randn(13, 21) * 2).to(dtype)
+    grad = assert_matches_reference(scores, dict(rtol=1e-5, atol=1e-4), TOL[dtype], groups=groups, mask=mask,
+                                    ties=ties)
+    assert grad.dtype == dtype
+
+
+@pytest.mark.parametrize("path", GROUP_PATHS)
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+def test_group_paths_non_contiguous(seed, path, ties):
+    groups, mask = groups_for_path(6, 9, path, ragged=True)
+    base = torch.randn(9, 3, 6, dtype=torch.float64)
+    scores = base[:, 1, :]                                        # (9, 6) strided; items along dim=0
+    got = ops.plackett_luce_nll(scores, groups=groups.t(), mask=mask.t(), ties=ties, dim=0)
+    assert not scores.is_contiguous() and not groups.t().is_contiguous()
+    x = scores.clone().requires_grad_()
+    want = reference.plackett_luce_nll(x.t(), groups=groups, mask=mask, ties=ties)
+    torch.testing.assert_close(got, want)
+    xs = scores.clone().requires_grad_()
+    ops.plackett_luce_nll(xs, groups=groups.t(), mask=mask.t(), ties=ties, dim=0).sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(xs.grad, x.grad)
+
+
+@pytest.mark.parametrize("path", GROUP_PATHS)
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+def test_group_paths_scores_of_1e4(seed, path, ties):
+    groups, mask = groups_for_path(8, 16, path, ragged=True)
+    big = (torch.randn(8, 16, dtype=torch.float64) * 5e3).clamp(-1e4, 1e4)
+    want = reference.plackett_luce_nll(big, groups=groups, mask=mask, ties=ties)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(ops.plackett_luce_nll(big, groups=groups, mask=mask, ties=ties), want,
+                               rtol=1e-12, atol=1e-8)
+    x = big.float().requires_grad_()
+    got32 = ops.plackett_luce_nll(x, groups=groups, mask=mask, ties=ties)
+    torch.testing.assert_close(got32.double(), want, rtol=1e-6, atol=1e-2)
+    got32.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("path", GROUP_PATHS)
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+def test_group_paths_neg_inf_scores(path, ties):
+    """Strength-0 items: the worst level all -inf (a constant term, gradient 0), and a -inf item in a scored
+    level with finite competitors (NLL +inf)."""
+    step = 5 if path == "sparse" else 1
+    order = [2, 0, 1, 1, 2, 0] if path != "sorted" else [0, 0, 1, 1, 2, 2]
+    groups = torch.tensor([order, order]) * step
+    scores = torch.randn(2, 6, dtype=torch.float64)
+    scores[0][groups[0] == 2 * step] = -math.inf                  # list 0: the worst level has strength 0
+    scores[1][groups[1] == step] = torch.tensor([-math.inf, 0.5], dtype=torch.float64)
+    x = scores.clone().requires_grad_()
+    got = ops.plackett_luce_nll(x, groups=groups, ties=ties)
+    want = reference.plackett_luce_nll(scores, groups=groups, ties=ties)
+    assert torch.isfinite(got[0]) and got[1].item() == math.inf
+    torch.testing.assert_close(got, want)
+    got[0].backward()
+    tail = groups[0] == 2 * step
+    assert torch.isfinite(x.grad).all() and x.grad[0][tail].eq(0).all() and x.grad[0][~tail].ne(0).all()
+    x0 = scores[0].clone().requires_grad_()
+    reference.plackett_luce_nll(x0, groups=groups[0], ties=ties).backward()
+    torch.testing.assert_close(x.grad[0][~tail], x0.grad[~tail])
+
+
+@pytest.mark.parametrize("path", GROUP_PATHS)
+def test_group_paths_write_nan_for_a_bad_list(path):
+    """Without data checks (the CUDA default): a level below -1 or a NaN score makes only that list NaN."""
+    groups, _ = groups_for_path(3, 6, path, ragged=False)
+    scores = torch.randn(3, 6)
+    groups[0, 3] = -2
+    scores[1, 2] = float("nan")
+    for ties in (0, 1):
+        nll = torch.ops.prefrank.plackett_luce_nll(scores, None, groups, None, -1, ties, False)
+        assert nll[:2].isnan().all() and torch.isfinite(nll[2])
+        grad = torch.ops.prefrank.plackett_luce_nll_backward(torch.ones(3), scores, None, groups, None, -1, ties,
+                                                             False)
+        assert grad[:2].isnan().all() and torch.isfinite(grad[2]).all()
+
+# ---------------------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU; run by benchmarks/gpu.sh)
 # ---------------------------------------------------------------------------------------------------------
 
