@@ -328,7 +328,13 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
                        ref_rejected=ref_rejected)
     _require_lists("policy_chosen", policy_chosen.numel(), "pairs")
     pc, pr, rc, rr, h = _dpo_pairs(names, tensors, acc)
-    loss = _dpo_losses(h, beta, loss_type, label_smoothing).mean()
+    per_pair = _dpo_losses(h, beta, loss_type, label_smoothing)
+    loss = per_pair.mean()
+    if _checks.data_checks_enabled(*tensors) and torch.isnan(loss):
+        # the robust loss is −ε/(1−2ε)·∞ = −∞ at a margin of +∞ and +∞ at −∞: a batch with both has no mean
+        raise ValueError(f"the {loss_type} DPO loss is -inf for pair {_lists.first_list(per_pair == -torch.inf)} "
+                         f"(margin +inf) and +inf for pair {_lists.first_list(per_pair == torch.inf)} (margin -inf): "
+                         "their mean is undefined")
     metrics = {"loss/dpo": loss.detach(), **_dpo_metrics(pc, pr, rc, rr, beta)}
     return PreferenceLossOutput(loss, metrics)
 

@@ -118,6 +118,17 @@ def test_dpo_label_smoothing_sign_conventions():
     assert cdpo > plain > robust
 
 
+def test_dpo_robust_infinite_margins():
+    """Robust DPO is −ε/(1−2ε)·∞ = −∞ at a margin of +∞ (as TRL's formula): one such pair gives −inf; with a
+    +∞ pair (margin −∞) beside it the mean is undefined: ValueError naming both pairs, not a silent NaN."""
+    inf = float("inf")
+    zeros = torch.zeros(2)
+    kw = dict(beta=1.0, loss_type="robust", label_smoothing=0.1)
+    assert losses.dpo_loss(torch.tensor([0.0, 1.0]), torch.tensor([-inf, 0.0]), zeros, zeros, **kw).loss == -inf
+    with pytest.raises(ValueError, match=r"-inf for pair 0 \(margin \+inf\) and \+inf for pair 1"):
+        losses.dpo_loss(torch.tensor([0.0, -inf]), torch.tensor([-inf, 0.0]), zeros, zeros, **kw)
+
+
 def test_dpo_metrics_match_trl_names(seed):
     pc, pr, rc, rr = (torch.randn(6) for _ in range(4))
     m = losses.dpo_loss(pc, pr, rc, rr, beta=0.5).metrics

@@ -92,6 +92,8 @@ def naive_dpo(pc, pr, rc, rr, beta, loss_type, eps):
             per = (1 - eps) * lose + eps * win if loss_type == "sigmoid" else ((1 - eps) * lose - eps * win) / (
                 1 - 2 * eps)
         total += per
+    if math.isnan(total):  # robust: a −inf pair (margin +inf) and a +inf pair (margin −inf) have no mean
+        raise ValueError
     return total / h.numel()
 
 
@@ -239,12 +241,16 @@ def naive_top1(pos, negs, mask, beta, log_q=None):
     total = 0.0
     for b in range(B):
         keep = [k for k in range(K) if valid[b, k]]
-        terms = [r_negs[b, k].item() - r_pos[b].item()
-                 - (0.0 if log_q is None else math.log(len(keep)) + log_q[b, k].item()) for k in keep]
-        if r_pos[b] == float("-inf") and all(r_negs[b, k] == float("-inf") for k in keep):
+        positive = r_pos[b].item()
+        # r_k − log(K_b·q_k): the negatives' corrected rewards
+        negatives = [r_negs[b, k].item() - (0.0 if log_q is None else math.log(len(keep)) + log_q[b, k].item())
+                     for k in keep]
+        if not keep:
+            continue                           # no competitor: 0
+        if positive == float("-inf") and all(r_negs[b, k] == float("-inf") for k in keep):
             total += math.log(1 + len(keep))   # every strength 0: PL's documented limit of equal scores
-        else:
-            total += softplus(lse(terms)) if terms else 0.0
+        else:  # −log(e^{r_c} / (e^{r_c} + Σ_k e^{r_k})): +inf when only the positive has strength 0
+            total += lse([positive, *negatives]) - positive
     return total / B
 
 
