@@ -10,10 +10,10 @@ the generation round, preference batch order), so the base row has a spread too:
    that seed (`prefrank/train/selfpref_demo.py`): greedy + sampled answers on the clean image ≻ answers on
    SeVa diffusion noise t = 500 ≻ 800 ≻ 950. No label-free row trains on labels.
 3. What the library buys (first section of the report): the same SMPRO run three ways from the first seed's
-   base, same
-   seed and data — prefrank kernels + shared-prompt packing, prefrank kernels unpacked, and the pure-PyTorch
+   base, same seed and data — prefrank kernels + shared-prompt packing, prefrank kernels unpacked, and the pure-PyTorch
    path (backend "reference": materialised logits + log_softmax, dense sorting network) — loss curves, their
-   largest difference, CPU time per step and peak memory (each path in a fresh process).
+   largest difference, CPU time per step and a step's peak memory (each path in a fresh process, alone on
+   the machine after every other run).
 4. Method effects over seeds: every row in `DEMO_METHODS` (DPO, listwise PL, S-DPO, SMPRO, MISP-DPO and the
    labelled upper bound) starts from its seed's base with the same steps × prompts, lr and β; mean ± sd of
    held-out exact match (overall and per question kind) and the paired differences (same seed) to the base
@@ -21,7 +21,8 @@ the generation round, preference batch order), so the base row has a spread too:
 
 Runs (the SFTs included) go to `DemoSettings.workers` forked worker processes (one intra-op thread each);
 every run is a fresh process, so its peak memory is its own. When a seed's SFT finishes, the main process
-builds that seed's generation round and preference data and queues its runs, while the workers go on.
+builds that seed's generation round and preference data and queues its runs, while the workers go on;
+the library-value runs go last, one at a time.
 On a terminal the runs show a progress bar; in a log (stdout not a terminal) each finished run prints one
 line.
 
@@ -175,17 +176,22 @@ def _run(task):
     memory = {}
     if task.measure:
         # glibc returns every large freed block at once, so the resident set tracks what is live (as in
-        # benchmarks/run.py); the high-water mark is reset once the model and data are built
+        # benchmarks/run.py)
         ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
     with backend.use_backend(task.backend):
         trainer = Trainer(task.config, train_records=task.train_records, eval_records=task.eval_records)
-        if task.measure:
-            Path("/proc/self/clear_refs").write_text("5")
-            memory["base_kib"] = _status_kib("VmRSS")
 
         def on_step_end(step):
             steps.append(time.process_time())
-            if task.measure:
+            if not task.measure:
+                return
+            if len(steps) == 1:
+                # the high-water mark is reset after the first step: the optimizer state and the code pages
+                # a step maps on first use (file-backed, counted in the resident set) are in by then and the
+                # same for every path, so the peak of the later steps minus this is a step's own memory
+                Path("/proc/self/clear_refs").write_text("5")
+                memory["base_kib"] = _status_kib("VmRSS")
+            else:
                 memory["peak_kib"] = _status_kib("VmHWM")
 
         trainer.on_step_end = on_step_end
@@ -312,7 +318,7 @@ def run_demo(settings, methods=None):
           f"{len(VALUE_PATHS)} library-value runs ({settings.value_steps} steps) from seed {seeds[0]}'s base, on "
           f"{settings.workers} worker process(es)", flush=True)
 
-    rounds, main_cpu = {}, {"round": 0.0}
+    rounds, main_cpu, value_tasks = {}, {"round": 0.0}, []
     shared = dict(lr=settings.pref_lr, beta=settings.beta, warmup_steps=5)
 
     def seed_tasks(seed, sft_result):
@@ -327,14 +333,14 @@ def run_demo(settings, methods=None):
               f"{sft_result['noise_accuracy']:.3f}); shared round: {len(round_.records)}/{len(train_records)} "
               f"prompts have a negative group, {round_.generated_answers / len(train_records):.2f} answers "
               f"generated per prompt ({round_.seconds:.0f} s)", flush=True)
-        tasks = []
         if seed == seeds[0]:
             smpro_records = selfpref_demo.ranked_lists(base, train_records, seed_settings)
-            tasks += [RunTask(("value", label), f"value: SMPRO, {label}",
-                              _config(settings, "smpro", out / "value" / f"path{i}", steps=settings.value_steps,
-                                      pack_prompts=pack, seed=seed, init=init, **shared),
-                              smpro_records, [], backend=impl, measure=True, threads=settings.threads)
-                      for i, (label, pack, impl) in enumerate(VALUE_PATHS)]
+            value_tasks.extend(
+                RunTask(("value", label), f"value: SMPRO, {label}",
+                        _config(settings, "smpro", out / "value" / f"path{i}", steps=settings.value_steps,
+                                pack_prompts=pack, seed=seed, init=init, **shared),
+                        smpro_records, [], backend=impl, measure=True, threads=settings.threads)
+                for i, (label, pack, impl) in enumerate(VALUE_PATHS))
         row_tasks = []
         for demo_method in methods:
             records = demo_method.build_records(base, train_records, seed_settings)
@@ -345,7 +351,7 @@ def run_demo(settings, methods=None):
                                      records, eval_records, threads=settings.threads))
         # the slowest runs (MISP-DPO: unpacked, plus its gallery selection) first, so the workers finish together
         main_cpu["round"] += time.process_time() - started
-        return tasks + sorted(row_tasks, key=lambda task: task.config.method != "misp_dpo")
+        return sorted(row_tasks, key=lambda task: task.config.method != "misp_dpo")
 
     bar = None
     if interactive:
@@ -364,6 +370,9 @@ def run_demo(settings, methods=None):
         return seed_tasks(task.key[1], result) if task.key[0] == "sft" else []
 
     results = run_parallel(sft_tasks, settings.workers, on_done)
+    # the library-value runs last, one at a time on an otherwise idle machine: their CPU time per step is
+    # the measurement, and a run beside it (the other worker) slows it through the shared cores and caches
+    results.update(run_parallel(value_tasks, 1, on_done))
     if bar is not None:
         bar.close()
     value = [{"label": label, "pack_prompts": pack, "backend": impl, **results[("value", label)]}
@@ -575,10 +584,11 @@ resizes them to the model's input size) with templated questions. {settings.num_
 The same SMPRO run ({settings.value_steps} steps × {settings.batch_size} prompts from seed {seeds[0]}'s SFT
 base, same seed, data and lr) with prefrank's kernels and shared-prompt packing (each prompt and its image
 once for all of its answers), with prefrank's kernels unpacked (one row per answer), and on the pure-PyTorch
-path (backend "reference": materialised logits + log_softmax, dense sorting network, unpacked). Each path runs
-in a fresh process with one thread; step time = median CPU time per step (steps 2–{settings.value_steps}; CPU time, not
-wall time, so other load on the machine does not enter); peak = resident-set high-water mark during training
-minus the resident set before it (model, optimizer and data already built).
+path (backend "reference": materialised logits + log_softmax, dense sorting network, unpacked). The three
+paths run after every other run of the demo, one at a time, each in a fresh process with one thread; step
+time = median CPU time per step (steps 2–{settings.value_steps}); peak = resident-set high-water mark over
+steps 2–{settings.value_steps} minus the resident set after step 1 (model, data, optimizer state and the code
+a step maps on first use already in): the memory of a training step itself.
 
 {table}
 

@@ -1,6 +1,5 @@
 """Differentiable sorting networks: schedules, diffsort parity, kernels vs reference, rank losses, errors."""
 
-import diffsort
 import pytest
 import torch
 
@@ -14,6 +13,12 @@ NETWORKS = networks.NETWORKS
 PARITY_SIZES = (1, 2, 3, 5, 8, 13, 16, 32, 64)
 STEEPNESS = (1.0, 10.0, 50.0)
 
+try:
+    import diffsort
+except ImportError:  # the GPU box has none: its parity tests skip, this module's kernel tests still run there
+    diffsort = None
+needs_diffsort = pytest.mark.skipif(diffsort is None, reason="diffsort is not installed (an outside oracle)")
+
 
 # ---------------------------------------------------------------------------------------------------------
 # schedules
@@ -25,6 +30,7 @@ def _diffsort_layers(network, n):
     return diffsort.odd_even_network(n) if network == "odd_even" else diffsort.bitonic_network(n)
 
 
+@needs_diffsort
 @pytest.mark.parametrize("network", NETWORKS)
 def test_schedule_matches_diffsort(network):
     for n in range(1, 41):
@@ -88,6 +94,7 @@ def _assert_within(actual, expected64, atol, where):
     torch.testing.assert_close(actual.double(), expected64, atol=atol, rtol=1e-5, msg=where)
 
 
+@needs_diffsort
 @pytest.mark.parametrize("relaxation", RELAXATIONS)
 @pytest.mark.parametrize("network", NETWORKS)
 def test_diffsort_parity(network, relaxation, seed, one_thread):
