@@ -47,6 +47,22 @@ struct Scratch {  // item-major per-list buffers carved out of one allocation
   }
 };
 
+// Thread b's strided views of the scratch (element p of list b at p·B + b: a warp's accesses coalesce).
+template <typename acc_t>
+struct ListScratch {
+  pl::Strided<int32_t> item, count;
+  pl::Strided<int64_t> key;
+  pl::Strided<uint8_t> seen;
+  acc_t* acc_base;
+  int64_t B, n_all;
+
+  __device__ ListScratch(const Scratch<acc_t>& s, int64_t B_, int64_t K, int64_t b)
+      : item{s.item + b, B_}, count{s.count + b, B_}, key{s.key + b, B_}, seen{s.seen + b, B_},
+        acc_base(s.acc + b), B(B_), n_all(B_ * K) {}
+  // the i-th accumulator buffer (K entries per list)
+  __device__ pl::Strided<acc_t> acc(int64_t i) const { return {acc_base + i * n_all, B}; }
+};
+
 template <typename scalar_t>
 __device__ pl::ListInputs<scalar_t> list_of(const Lists& l, int64_t b) {
   return {static_cast<const scalar_t*>(l.scores) + b * l.score_sb, l.score_sk,
@@ -58,16 +74,11 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 1) nll_fwd_kernel(Lists lists, acc_t* __restrict__ nll, void* workspace) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (b >= lists.B) return;
-  const Scratch<acc_t> s = Scratch<acc_t>::carve(workspace, lists.B, lists.K);
-  const int64_t n_all = lists.B * lists.K;
-  const pl::Strided<int32_t> item{s.item + b, lists.B}, count{s.count + b, lists.B};
-  const pl::Strided<int64_t> key{s.key + b, lists.B};
-  const pl::Strided<uint8_t> seen{s.seen + b, lists.B};
-  const pl::Strided<acc_t> acc0{s.acc + b, lists.B}, acc1{s.acc + n_all + b, lists.B},
-      acc2{s.acc + 2 * n_all + b, lists.B};
+  const ListScratch<acc_t> t(Scratch<acc_t>::carve(workspace, lists.B, lists.K), lists.B, lists.K, b);
   const auto list = list_of<scalar_t>(lists, b);
-  const pl::Canonical c = pl::canonical_list(list, item, key, seen);
-  nll[b] = pl::list_nll<acc_t>(list, item, key, c, lists.top_k, lists.ties, count, acc0, acc1, acc2);
+  const pl::Canonical c = pl::canonical_list(list, t.item, t.key, t.seen);
+  nll[b] = pl::list_nll<acc_t>(list, t.item, t.key, c, lists.top_k, lists.ties, t.count, t.acc(0), t.acc(1),
+                               t.acc(2));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -76,17 +87,11 @@ __global__ void __launch_bounds__(kThreads, 1) nll_bwd_kernel(Lists lists, const
                                                            void* workspace) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (b >= lists.B) return;
-  const Scratch<acc_t> s = Scratch<acc_t>::carve(workspace, lists.B, lists.K);
-  const int64_t n_all = lists.B * lists.K;
-  const pl::Strided<int32_t> item{s.item + b, lists.B}, count{s.count + b, lists.B};
-  const pl::Strided<int64_t> key{s.key + b, lists.B};
-  const pl::Strided<uint8_t> seen{s.seen + b, lists.B};
-  const pl::Strided<acc_t> acc0{s.acc + b, lists.B}, acc1{s.acc + n_all + b, lists.B},
-      acc2{s.acc + 2 * n_all + b, lists.B}, acc3{s.acc + 3 * n_all + b, lists.B};
+  const ListScratch<acc_t> t(Scratch<acc_t>::carve(workspace, lists.B, lists.K), lists.B, lists.K, b);
   const auto list = list_of<scalar_t>(lists, b);
-  const pl::Canonical c = pl::canonical_list(list, item, key, seen);
-  pl::list_nll_backward<acc_t>(grad_nll[b * grad_nll_stride], list, item, key, c, lists.top_k, lists.ties,
-                               grad + b * lists.K, 1, count, acc0, acc1, acc2, acc3);
+  const pl::Canonical c = pl::canonical_list(list, t.item, t.key, t.seen);
+  pl::list_nll_backward<acc_t>(grad_nll[b * grad_nll_stride], list, t.item, t.key, c, lists.top_k, lists.ties,
+                               grad + b * lists.K, 1, t.count, t.acc(0), t.acc(1), t.acc(2), t.acc(3));
 }
 
 unsigned blocks_for(int64_t B) { return static_cast<unsigned>((B + kThreads - 1) / kThreads); }
