@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "output_alloc.h"
+#include "plackett_luce_args.h"
 #include "plackett_luce_math.h"
 
 namespace prefrank {
@@ -38,30 +39,8 @@ struct Batch {
 
 Batch batch_of(const at::Tensor& scores, const std::optional<at::Tensor>& ranking,
                const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& mask, int64_t ties) {
-  TORCH_CHECK(scores.dim() == 2, "plackett_luce: scores must be (lists, items)");
-  TORCH_CHECK(!(ranking && groups), "plackett_luce: ranking and groups are exclusive");
-  TORCH_CHECK(ties == pl::kBreslow || ties == pl::kEfron, "plackett_luce: unknown ties code ", ties);
-  Batch batch{scores.size(0), scores.size(1), pl::kByPlace};
-  TORCH_CHECK(batch.K < (int64_t(1) << 31), "plackett_luce: lists longer than 2^31 items are not supported");
-  const std::optional<at::Tensor>& order = ranking ? ranking : groups;
-  if (order) {
-    TORCH_CHECK(order->scalar_type() == at::kLong && order->sizes() == scores.sizes() &&
-                    order->device() == scores.device(),
-                "plackett_luce: ranking/groups must be int64 shaped like scores");
-    batch.mode = ranking ? pl::kByRanking : pl::kByGroups;
-    batch.order = order->const_data_ptr<int64_t>();
-    batch.order_sb = order->stride(0);
-    batch.order_sk = order->stride(1);
-  }
-  if (mask) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->sizes() == scores.sizes() &&
-                    mask->device() == scores.device(),
-                "plackett_luce: mask must be bool shaped like scores");
-    batch.mask = mask->const_data_ptr<bool>();
-    batch.mask_sb = mask->stride(0);
-    batch.mask_sk = mask->stride(1);
-  }
-  return batch;
+  const pl::ItemArgs a = pl::item_args(scores, ranking, groups, mask, ties);
+  return {scores.size(0), scores.size(1), a.mode, a.order, a.order_sb, a.order_sk, a.mask, a.mask_sb, a.mask_sk};
 }
 
 at::ScalarType acc_dtype(const at::Tensor& scores) {
@@ -219,6 +198,14 @@ struct Tile {
         grad(backward ? K * kLanes : 0), scored(K * kLanes), seen(K, 0), item(K * kLanes) {}
 };
 
+// Lane l contributes nothing to the scan (an unused lane, or one the scalar path scores instead).
+inline void clear_lane(Tile& t, int64_t K, int64_t l) {
+  for (int64_t p = 0; p < K; ++p) {
+    t.x[p * kLanes + l] = 0.0f;
+    t.scored[p * kLanes + l] = 0;
+  }
+}
+
 // Fills lane l of the tile from list b; false when the list needs the scalar path.
 template <typename scalar_t>
 bool load_lane(const Batch& batch, const scalar_t* s, int64_t sb, int64_t sk, int64_t b, int64_t l, int64_t top_k,
@@ -254,12 +241,19 @@ bool load_lane(const Batch& batch, const scalar_t* s, int64_t sb, int64_t sk, in
       const int64_t i = t.item[p * kLanes + l];
       if (i >= 0) t.seen[i] = 0;
     }
-  if (!fine)
-    for (int64_t p = 0; p < K; ++p) {  // keep the lane harmless; the scalar path overwrites its result
-      t.x[p * kLanes + l] = 0.0f;
-      t.scored[p * kLanes + l] = 0;
-    }
+  if (!fine) clear_lane(t, K, l);  // keep the lane harmless; the scalar path overwrites its result
   return fine;
+}
+
+// Fills the tile with lists b0 .. b0+lanes-1 (fine[l]: lane l scanned, else the scalar path scores it) and
+// clears the unused lanes of a last, partial block.
+template <typename scalar_t>
+void load_block(const Batch& batch, const scalar_t* s, int64_t sb, int64_t sk, int64_t b0, int64_t lanes,
+                int64_t top_k, Tile& t, bool* fine) {
+  for (int64_t l = 0; l < kLanes; ++l) {
+    fine[l] = l < lanes && load_lane(batch, s, sb, sk, b0 + l, l, top_k, t);
+    if (l >= lanes) clear_lane(t, batch.K, l);
+  }
 }
 
 bool applies(const Batch& batch, at::ScalarType dtype) {
@@ -298,13 +292,7 @@ at::Tensor plackett_luce_nll_fwd_cpu(const at::Tensor& scores, const std::option
           for (int64_t b0 = begin; b0 < end; b0 += fast::kLanes) {
             const int64_t lanes = std::min(fast::kLanes, end - b0);
             bool fine[fast::kLanes];
-            for (int64_t l = 0; l < fast::kLanes; ++l)
-              fine[l] = l < lanes && fast::load_lane(batch, s, sb, sk, b0 + l, l, top_k, tile);
-            for (int64_t l = lanes; l < fast::kLanes; ++l)
-              for (int64_t p = 0; p < batch.K; ++p) {
-                tile.x[p * fast::kLanes + l] = 0.0f;
-                tile.scored[p * fast::kLanes + l] = 0;
-              }
+            fast::load_block(batch, s, sb, sk, b0, lanes, top_k, tile, fine);
             fast::scan_forward(tile.x.data(), tile.scored.data(), batch.K, block_nll);
             for (int64_t l = 0; l < lanes; ++l) {
               if (fine[l]) out[b0 + l] = block_nll[l];
@@ -351,15 +339,8 @@ at::Tensor plackett_luce_nll_bwd_cpu(const at::Tensor& grad_nll, const at::Tenso
           for (int64_t b0 = begin; b0 < end; b0 += fast::kLanes) {
             const int64_t lanes = std::min(fast::kLanes, end - b0);
             bool fine[fast::kLanes];
-            for (int64_t l = 0; l < fast::kLanes; ++l) {
-              fine[l] = l < lanes && fast::load_lane(batch, s, sb, sk, b0 + l, l, top_k, tile);
-              block_grad_nll[l] = l < lanes ? gn[(b0 + l) * gs] : 0.0f;
-            }
-            for (int64_t l = lanes; l < fast::kLanes; ++l)
-              for (int64_t p = 0; p < batch.K; ++p) {
-                tile.x[p * fast::kLanes + l] = 0.0f;
-                tile.scored[p * fast::kLanes + l] = 0;
-              }
+            fast::load_block(batch, s, sb, sk, b0, lanes, top_k, tile, fine);
+            for (int64_t l = 0; l < fast::kLanes; ++l) block_grad_nll[l] = l < lanes ? gn[(b0 + l) * gs] : 0.0f;
             fast::scan_backward(tile.x.data(), tile.scored.data(), batch.K, block_grad_nll, tile.share.data(),
                                 tile.ratio.data(), tile.grad.data());
             for (int64_t l = 0; l < lanes; ++l) {

@@ -9,8 +9,8 @@
 #include <optional>
 
 #include "output_alloc.h"
+#include "plackett_luce_args.h"
 #include "plackett_luce_cuda.h"
-#include "plackett_luce_math.h"
 
 namespace prefrank {
 namespace {
@@ -28,30 +28,10 @@ cuda::Dtype storage_dtype(const at::Tensor& t) {
 cuda::Lists lists_of(const at::Tensor& scores, const std::optional<at::Tensor>& ranking,
                      const std::optional<at::Tensor>& groups, const std::optional<at::Tensor>& mask, int64_t top_k,
                      int64_t ties) {
-  TORCH_CHECK(scores.is_cuda() && scores.dim() == 2, "plackett_luce: scores must be a (lists, items) CUDA tensor");
-  TORCH_CHECK(!(ranking && groups), "plackett_luce: ranking and groups are exclusive");
-  TORCH_CHECK(ties == pl::kBreslow || ties == pl::kEfron, "plackett_luce: unknown ties code ", ties);
-  cuda::Lists l{storage_dtype(scores), scores.const_data_ptr(), scores.stride(0), scores.stride(1), nullptr, 0, 0,
-                nullptr, 0, 0, scores.size(0), scores.size(1), pl::kByPlace, top_k, ties};
-  const std::optional<at::Tensor>& order = ranking ? ranking : groups;
-  if (order) {
-    TORCH_CHECK(order->scalar_type() == at::kLong && order->sizes() == scores.sizes() &&
-                    order->device() == scores.device(),
-                "plackett_luce: ranking/groups must be int64 shaped like scores");
-    l.order = order->const_data_ptr<int64_t>();
-    l.order_sb = order->stride(0);
-    l.order_sk = order->stride(1);
-    l.mode = ranking ? pl::kByRanking : pl::kByGroups;
-  }
-  if (mask) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->sizes() == scores.sizes() &&
-                    mask->device() == scores.device(),
-                "plackett_luce: mask must be bool shaped like scores");
-    l.mask = mask->const_data_ptr<bool>();
-    l.mask_sb = mask->stride(0);
-    l.mask_sk = mask->stride(1);
-  }
-  return l;
+  TORCH_CHECK(scores.is_cuda(), "plackett_luce: scores must be a CUDA tensor");
+  const pl::ItemArgs a = pl::item_args(scores, ranking, groups, mask, ties);
+  return {storage_dtype(scores), scores.const_data_ptr(), scores.stride(0), scores.stride(1), a.order, a.order_sb,
+          a.order_sk, a.mask, a.mask_sb, a.mask_sk, scores.size(0), scores.size(1), a.mode, top_k, ties};
 }
 
 at::Tensor workspace_for(const cuda::Lists& l, const at::Tensor& scores, bool backward) {
