@@ -280,6 +280,12 @@ def _config(settings, method, out, **overrides):
 
 def run_demo(settings, methods=None):
     methods = DEMO_METHODS if methods is None else methods
+    seeds = tuple(settings.seeds)
+    if settings.base is not None:  # checked before anything is built or written
+        missing = [seed for seed in seeds if not (Path(settings.base) / f"seed{seed}").is_dir()]
+        if missing:
+            raise ValueError(f"base={settings.base!r} must be a previous demo's SFT folder with one run per seed "
+                             f"(seed<k>/ for k in {list(seeds)}); missing: {[f'seed{k}' for k in missing]}")
     interactive = sys.stdout.isatty()
     if not interactive:  # a log file gets one line per step of the demo, not carriage-return progress bars
         from transformers.utils import logging as transformers_logging
@@ -292,13 +298,6 @@ def run_demo(settings, methods=None):
     train_records = synthetic_dataset(settings.num_train, seed=1)
     eval_records = synthetic_dataset(settings.num_eval, seed=2)
     export_jsonl(eval_records, out / "data" / "heldout.jsonl")
-
-    seeds = tuple(settings.seeds)
-    if settings.base is not None:
-        missing = [seed for seed in seeds if not (Path(settings.base) / f"seed{seed}").is_dir()]
-        if missing:
-            raise ValueError(f"base={settings.base!r} must be a previous demo's SFT folder with one run per seed "
-                             f"(seed<k>/ for k in {list(seeds)}); missing: {[f'seed{k}' for k in missing]}")
 
     def base_folder(seed):
         return Path(settings.base) / f"seed{seed}" if settings.base is not None else out / "sft" / f"seed{seed}"

@@ -166,6 +166,13 @@ def test_rows_aggregate_over_seeds_with_paired_differences_and_plain_verdicts():
     assert "+2.0 ± 0.5 points, which exceeds the seed spread but not the held-out sampling error (±3.1" in text
 
 
+def test_base_must_hold_one_sft_run_per_seed(tmp_path):
+    (tmp_path / "sft" / "seed0").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"base=.* one run per seed .*missing: \['seed1'\]"):
+        demo.run_demo(replace(demo.DemoSettings(out=str(tmp_path / "out"), base=str(tmp_path / "sft")), **demo.QUICK))
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
 def test_workers_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--workers", "0"])
