@@ -188,7 +188,9 @@ def _run(task):
             if len(steps) == 1:
                 # the high-water mark is reset after the first step: the optimizer state and the code pages
                 # a step maps on first use (file-backed, counted in the resident set) are in by then and the
-                # same for every path, so the peak of the later steps minus this is a step's own memory
+                # same for every path; the heap pages step 1 freed go back to the system first (malloc_trim),
+                # so the peak of the later steps minus this resident set is a step's own memory
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
                 Path("/proc/self/clear_refs").write_text("5")
                 memory["base_kib"] = _status_kib("VmRSS")
             else:
