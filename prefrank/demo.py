@@ -19,8 +19,10 @@ the generation round, preference batch order), so the base row has a spread too:
    held-out exact match (overall and per question kind) and the paired differences (same seed) to the base
    and to DPO.
 
-Runs (the SFTs included) go to `DemoSettings.workers` forked worker processes (one intra-op thread each);
-every run is a fresh process, so its peak memory is its own. When a seed's SFT finishes, the main process
+Runs (the SFTs included) go to `DemoSettings.workers` worker processes (one intra-op thread each) forked
+from a fork server (which imported this module once and never ran autograd: a child forked from a process whose
+autograd device threads have started fails in its backward); every run is a fresh process, so its peak
+memory is its own. When a seed's SFT finishes, the main process
 builds that seed's generation round and preference data and queues its runs, while the workers go on;
 the library-value runs go last, one at a time.
 On a terminal the runs show a progress bar; in a log (stdout not a terminal) each finished run prints one
@@ -170,7 +172,7 @@ def _status_kib(field_name):
 
 
 def _run(task):
-    """One training run in this (fresh, forked) process; returns a small picklable summary."""
+    """One training run in this fresh worker process; returns a small picklable summary."""
     torch.set_num_threads(task.threads)
     steps = []
     memory = {}
@@ -235,13 +237,23 @@ def _worker(connection, task):
         connection.close()
 
 
+# what a run imports lazily (about 3 s per process: the tiny LLaVA's processor and model code, the plots), so
+# the fork server imports it once; a module missing here only costs time (the fork server skips ImportErrors)
+WORKER_PRELOAD = [__name__, "transformers", "transformers.image_processing_backends", "transformers.masking_utils",
+                  "matplotlib.pyplot"]
+
+
 def run_parallel(tasks, workers, on_done):
-    """Run every task in its own forked process, at most ``workers`` at a time, in order; ``on_done(task,
+    """Run every task in its own worker process, at most ``workers`` at a time, in order; ``on_done(task,
     result)`` as each finishes may return more tasks, queued behind the pending ones. Returns {task.key:
     result}. A failed run stops the others and raises with its traceback."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    context = multiprocessing.get_context("fork")
+    # not a plain fork: once the caller has started autograd's device threads (a compiled backward does, e.g.
+    # in another test of the same session) a forked child's backward fails; the fork server starts clean and imports the demo
+    # (and torch) once
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
     pending, running, results = list(tasks), {}, {}
     try:
         while pending or running:

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from prefrank import demo
 from prefrank.train import selfpref_demo
@@ -17,6 +18,10 @@ VIEWS = ["diffusion@500", "diffusion@800", "diffusion@950"]
 
 
 def test_demo_quick_writes_report_table_and_plots(tmp_path, capsys):
+    # the workers must not be plain forks of this process: once a compiled backward has run here (as in
+    # another test of the same pytest worker), autograd's device threads have started and a forked child's
+    # backward fails ("Unable to handle autograd's threading in combination with fork-based multiprocessing")
+    torch.compile(lambda x: x.sin().sum())(torch.ones(2, requires_grad=True)).backward()
     result = demo.main(["--quick", "--out", str(tmp_path)])
     seeds = demo.QUICK["seeds"]
     rows = result["rows"]
