@@ -250,8 +250,8 @@ def run_parallel(tasks, workers, on_done):
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     # not a plain fork: once the caller has started autograd's device threads (a compiled backward does, e.g.
-    # in another test of the same session) a forked child's backward fails; the fork server starts clean and imports the demo
-    # (and torch) once
+    # in another test of the same session) a forked child's backward fails; the fork server starts clean and
+    # imports the demo (and torch) once
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(WORKER_PRELOAD)
     pending, running, results = list(tasks), {}, {}
