@@ -55,6 +55,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 FIELDS = ["op", "shape", "dtype", "device", "impl", "role", "status", "check", "fwd_ms", "fwd_bwd_ms", "peak_mib",
           "temporaries_mib", "roofline_ms"]
 MIN_ROUNDS, SLOW_MIN_ROUNDS, VERY_SLOW_MIN_ROUNDS, MAX_ROUNDS = 5, 3, 1, 200
+COMPARE_CHUNK = 1 << 24  # elements widened to float64 at a time when a peer is checked (128 MiB)
 
 
 def case_modules():
@@ -98,8 +99,13 @@ def _tensors(result):
 
 
 def snapshot(result):
-    """The result's tensors as float64 CPU copies (a later call may overwrite the originals in place)."""
-    return [t.detach().to("cpu", torch.float64).flatten() for t in _tensors(result)]
+    """The result's tensors as CPU copies in their own dtype (a later call may overwrite the originals in
+    place); not float64, which would double a 2.5 GB gradient: ``compare`` widens chunk by chunk."""
+    return [t.detach().to("cpu", copy=True).flatten() for t in _tensors(result)]
+
+
+def _chunks(t):
+    return t.split(COMPARE_CHUNK) if t.numel() else [t]
 
 
 def compare(got, expected, rtol):
@@ -110,11 +116,12 @@ def compare(got, expected, rtol):
     for a, b in zip(got, expected):
         if a.numel() != b.numel():
             return f"{a.numel()} values, prefrank has {b.numel()}"
-        if not torch.isfinite(a).all():
+        if not all(torch.isfinite(c).all() for c in _chunks(a)):
             return "non-finite values"
-        scale = b.abs().max().item() if b.numel() else 0.0
-        error = (a - b).abs().max().item() / max(scale, 1e-30) if a.numel() else 0.0
-        worst = max(worst, error)
+        scale = max((c.abs().max().item() for c in _chunks(b)), default=0.0) if b.numel() else 0.0
+        difference = max(((x.double() - y.double()).abs().max().item() for x, y in zip(_chunks(a), _chunks(b))),
+                         default=0.0) if a.numel() else 0.0
+        worst = max(worst, difference / max(scale, 1e-30))
     return "" if worst <= rtol else f"max error {worst:.1e} (relative to the largest value) > {rtol:.0e}"
 
 
@@ -285,11 +292,13 @@ def run_group(entries, args):
             status, check = ("mismatch", why) if why else ("ok", f"agrees (rtol {rtol:.0e})")
             if why:
                 print(f"MISMATCH {case.name}: {why}", flush=True)
+        del got  # a gradient at V = 151936 is 2.5 GB: one peer's copy at a time
         rows[case.impl] = _row(case, status, check)
         if status == "ok" and case.role != "oracle":
             timed.append((module, index, case, closures))
         else:
             del closures
+    del expected  # the timing holds only the closures
     if timed:
         fns = [f for _, _, _, closures in timed for f in closures]
         medians = time_side_by_side(fns, args.device, args.budget_s)
