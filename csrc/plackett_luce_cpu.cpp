@@ -67,7 +67,10 @@ constexpr int64_t kGrainItems = 16384;  // items per parallel task: amortises th
 // The lists of a block are transposed into a (place, lane) tile, so every step of the scan is one
 // operation across kLanes lists: plain float loops the compiler vectorises (an AVX2 clone is selected at run
 // time), with exp/log as branch-free polynomials (Cephes expf/logf, ≤ 2 ulp) instead of libm calls. Forward
-// per place: m' = max(m, x), sum = sum·e^{m−m'} + e^{x−m'}, NLL += (m' − x) + log sum. Backward: the same
+// per place: m' = max(m, x), sum = sum·e^{m−m'} + e^{x−m'}, NLL += (m' − x) + log sum. One of the two
+// exponents is 0 (m' is m or x), so one exp per place: e = e^{−|x−m|}, and sum·e + 1 when x is the new
+// maximum, sum + e otherwise. The logs are taken of products of kLogRun sums (each sum is in [1, K], so a
+// product stays finite for K < 2^31): one log per kLogRun places. Backward: the same
 // scan stores π_p = e^{x_p − m'}/sum and S_{p+1}/S_p, then R_p = R_{p−1}·S_p/S_{p−1} + [p scored] and
 // ∂/∂x_p = π_p·R_p − [p scored] (plackett_luce_math.h). Padding places hold x = -inf (weight 0, never
 // scored). Lists with a -inf, NaN or +inf score or a bad ranking take the scalar path (their lane is
@@ -80,6 +83,7 @@ namespace fast {
 #pragma GCC optimize("no-trapping-math")
 
 constexpr int64_t kLanes = 16;
+constexpr int64_t kLogRun = 4;
 constexpr float kExpFloor = -87.0f;  // e^x below it is taken as 0 (< 2e-38, invisible next to sum ≥ 1)
 
 // e^x for x ≤ 0 (Cephes expf: x = n·ln2 + r, e^r by a degree-6 polynomial, 2^n through the exponent bits).
@@ -128,31 +132,41 @@ inline float log_at_least_one(float x) {
   return f + y + e * 0.693359375f;
 }
 
-// NLL of the tile's lanes: x and scored are (K, kLanes).
-__attribute__((target_clones("avx2", "default"))) void scan_forward(const float* x, const uint8_t* scored,
+// NLL of the tile's lanes: x and scored are (K, kLanes); scored is 1 where the place is scored, else 0 (a float,
+// not a byte: with every lane array 32-bit the compiler vectorises the scan 8 lanes wide, not 4).
+__attribute__((target_clones("avx2", "default"))) void scan_forward(const float* x, const float* scored,
                                                                      int64_t K, float* nll) {
-  float mx[kLanes], sum[kLanes], total[kLanes];
+  float mx[kLanes], sum[kLanes], total[kLanes], product[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
     mx[l] = -3.4e38f;
     sum[l] = 0.0f;
     total[l] = 0.0f;
+    product[l] = 1.0f;
   }
   for (int64_t p = K - 1; p >= 0; --p) {
     const float* xp = x + p * kLanes;
-    const uint8_t* sp = scored + p * kLanes;
+    const float* sp = scored + p * kLanes;
     for (int64_t l = 0; l < kLanes; ++l) {
-      const float m_new = xp[l] > mx[l] ? xp[l] : mx[l];
-      sum[l] = sum[l] * exp_nonpositive(mx[l] - m_new) + exp_nonpositive(xp[l] - m_new);
-      mx[l] = m_new;
-      const float term = (m_new - xp[l]) + log_at_least_one(sum[l] > 1.0f ? sum[l] : 1.0f);
-      total[l] += sp[l] ? term : 0.0f;
+      const float d = xp[l] - mx[l];
+      const float e = exp_nonpositive(-__builtin_fabsf(d));
+      const bool raised = d > 0.0f;
+      sum[l] = raised ? sum[l] * e + 1.0f : sum[l] + e;
+      mx[l] = raised ? xp[l] : mx[l];
+      const bool is_scored = sp[l] != 0.0f;
+      total[l] += is_scored ? mx[l] - xp[l] : 0.0f;
+      product[l] *= is_scored && sum[l] > 1.0f ? sum[l] : 1.0f;
     }
+    if (p % kLogRun == 0)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        total[l] += log_at_least_one(product[l]);
+        product[l] = 1.0f;
+      }
   }
   for (int64_t l = 0; l < kLanes; ++l) nll[l] = total[l];
 }
 
 // grad (K, kLanes) = grad_nll · ∂NLL/∂x; share and ratio are (K, kLanes) scratch.
-__attribute__((target_clones("avx2", "default"))) void scan_backward(const float* x, const uint8_t* scored,
+__attribute__((target_clones("avx2", "default"))) void scan_backward(const float* x, const float* scored,
                                                                       int64_t K, const float* grad_nll,
                                                                       float* share, float* ratio, float* grad) {
   float mx[kLanes], sum[kLanes], running[kLanes], ratio_prev[kLanes];
@@ -163,11 +177,13 @@ __attribute__((target_clones("avx2", "default"))) void scan_backward(const float
   for (int64_t p = K - 1; p >= 0; --p) {
     const float* xp = x + p * kLanes;
     for (int64_t l = 0; l < kLanes; ++l) {
-      const float m_new = xp[l] > mx[l] ? xp[l] : mx[l];
-      const float rest = sum[l] * exp_nonpositive(mx[l] - m_new);
-      const float own = exp_nonpositive(xp[l] - m_new);
+      const float d = xp[l] - mx[l];
+      const float e = exp_nonpositive(-__builtin_fabsf(d));
+      const bool raised = d > 0.0f;
+      const float rest = raised ? sum[l] * e : sum[l];
+      const float own = raised ? 1.0f : e;
       sum[l] = rest + own;
-      mx[l] = m_new;
+      mx[l] = raised ? xp[l] : mx[l];
       const float inv = sum[l] > 0.0f ? 1.0f / sum[l] : 0.0f;
       share[p * kLanes + l] = own * inv;
       ratio[p * kLanes + l] = rest * inv;
@@ -178,9 +194,9 @@ __attribute__((target_clones("avx2", "default"))) void scan_backward(const float
     ratio_prev[l] = 0.0f;
   }
   for (int64_t p = 0; p < K; ++p) {
-    const uint8_t* sp = scored + p * kLanes;
+    const float* sp = scored + p * kLanes;
     for (int64_t l = 0; l < kLanes; ++l) {
-      const float sc = sp[l] ? 1.0f : 0.0f;
+      const float sc = sp[l];
       running[l] = running[l] * ratio_prev[l] + sc;
       ratio_prev[l] = ratio[p * kLanes + l];
       grad[p * kLanes + l] = grad_nll[l] * (share[p * kLanes + l] * running[l] - sc);
@@ -190,19 +206,19 @@ __attribute__((target_clones("avx2", "default"))) void scan_backward(const float
 
 // The tile of one block: x, scored, the item of every place, and which lanes need the scalar path.
 struct Tile {
-  std::vector<float> x, share, ratio, grad;
-  std::vector<uint8_t> scored, seen;
+  std::vector<float> x, scored, share, ratio, grad;
   std::vector<int64_t> item;
+  std::vector<int64_t> listed_by;  // listed_by[i] = the last list whose ranking listed item i (no reset per list)
   explicit Tile(int64_t K, bool backward)
-      : x(K * kLanes), share(backward ? K * kLanes : 0), ratio(backward ? K * kLanes : 0),
-        grad(backward ? K * kLanes : 0), scored(K * kLanes), seen(K, 0), item(K * kLanes) {}
+      : x(K * kLanes), scored(K * kLanes), share(backward ? K * kLanes : 0), ratio(backward ? K * kLanes : 0),
+        grad(backward ? K * kLanes : 0), item(K * kLanes), listed_by(K, -1) {}
 };
 
 // Lane l contributes nothing to the scan (an unused lane, or one the scalar path scores instead).
 inline void clear_lane(Tile& t, int64_t K, int64_t l) {
   for (int64_t p = 0; p < K; ++p) {
     t.x[p * kLanes + l] = 0.0f;
-    t.scored[p * kLanes + l] = 0;
+    t.scored[p * kLanes + l] = 0.0f;
   }
 }
 
@@ -220,11 +236,11 @@ bool load_lane(const Batch& batch, const scalar_t* s, int64_t sb, int64_t sk, in
       if (i < 0) {
         fine &= i == -1;
         padding = true;
-      } else if (padding || i >= K || t.seen[i]) {
+      } else if (padding || i >= K || t.listed_by[i] == b) {
         fine = false;
         i = -1;
       } else {
-        t.seen[i] = 1;
+        t.listed_by[i] = b;
       }
     }
     float v = -std::numeric_limits<float>::infinity();
@@ -233,14 +249,9 @@ bool load_lane(const Batch& batch, const scalar_t* s, int64_t sb, int64_t sk, in
       fine &= std::isfinite(v);
     }
     t.x[p * kLanes + l] = v;
-    t.scored[p * kLanes + l] = i >= 0 && p < places;
+    t.scored[p * kLanes + l] = i >= 0 && p < places ? 1.0f : 0.0f;
     t.item[p * kLanes + l] = i;
   }
-  if (batch.mode == pl::kByRanking)
-    for (int64_t p = 0; p < K; ++p) {
-      const int64_t i = t.item[p * kLanes + l];
-      if (i >= 0) t.seen[i] = 0;
-    }
   if (!fine) clear_lane(t, K, l);  // keep the lane harmless; the scalar path overwrites its result
   return fine;
 }
