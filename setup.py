@@ -77,15 +77,29 @@ CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--resource-usage"]
 
 
+GENERATED = ROOT / "build" / "generated"  # headers written by this script (not sources: not hashed)
+
+
+def write_source_hash_header():
+    """The source hash goes to csrc/module.cpp through a generated header, not a -D flag: a flag that changes
+    with every csrc edit changes every compile command, so ninja would rebuild every file after any edit."""
+    header = GENERATED / "prefrank_source_hash.h"
+    text = f'#define PREFRANK_SOURCE_HASH "{source_hash()}"\n'
+    if not header.exists() or header.read_text() != text:  # unchanged: module.cpp is not rebuilt
+        GENERATED.mkdir(parents=True, exist_ok=True)
+        header.write_text(text)
+
+
 def extension(cuda):
+    write_source_hash_header()
     cpu_sources = sorted(p for p in glob.glob("csrc/*.cpp") if not p.endswith("_cuda_glue.cpp"))
-    define = [("PREFRANK_SOURCE_HASH", f'"{source_hash()}"'), ("PREFRANK_WITH_CUDA", "1" if cuda else "0")]
+    common = dict(define_macros=[("PREFRANK_WITH_CUDA", "1" if cuda else "0")], include_dirs=[str(GENERATED)],
+                  extra_link_args=["-fopenmp"])
     if not cuda:
-        return CppExtension("prefrank._C", cpu_sources, define_macros=define,
-                            extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])
+        return CppExtension("prefrank._C", cpu_sources, extra_compile_args={"cxx": CXX_FLAGS}, **common)
     cuda_sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*_cuda_glue.cpp"))
-    return CUDAExtension("prefrank._C", cpu_sources + cuda_sources, define_macros=define,
-                         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=["-fopenmp"])
+    return CUDAExtension("prefrank._C", cpu_sources + cuda_sources,
+                         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, **common)
 
 
 def nvcc_version():

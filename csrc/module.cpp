@@ -8,9 +8,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#ifndef PREFRANK_SOURCE_HASH
-#define PREFRANK_SOURCE_HASH "unknown"
-#endif
+#include "prefrank_source_hash.h"  // written by setup.py into build/generated
 
 TORCH_LIBRARY(prefrank_C, m) {}
 
