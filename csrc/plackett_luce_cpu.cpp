@@ -101,8 +101,8 @@ inline float exp_nonpositive(float x) {
   return x < kExpFloor ? 0.0f : y * scale;
 }
 
-// log(x) for x ≥ 1 (the scan's sums; Cephes logf: x = 2^e·m, m in [√½, √2), log m by a polynomial).
-inline float log_at_least_one(float x) {
+// log(x) for a positive normal float x (Cephes logf: x = 2^e·m, m in [√½, √2), log m by a polynomial).
+inline float log_positive(float x) {
   int32_t bits;
   __builtin_memcpy(&bits, &x, sizeof(bits));
   float e = static_cast<float>((bits >> 23) - 126);
@@ -144,7 +144,7 @@ __attribute__((target_clones("avx2", "default"))) void scan_forward(const float*
       const float m_new = xp[l] > mx[l] ? xp[l] : mx[l];
       sum[l] = sum[l] * exp_nonpositive(mx[l] - m_new) + exp_nonpositive(xp[l] - m_new);
       mx[l] = m_new;
-      const float term = (m_new - xp[l]) + log_at_least_one(sum[l] > 1.0f ? sum[l] : 1.0f);
+      const float term = (m_new - xp[l]) + log_positive(sum[l] > 1.0f ? sum[l] : 1.0f);
       total[l] += sp[l] ? term : 0.0f;
     }
   }
@@ -230,7 +230,7 @@ bool load_lane(const Batch& batch, const scalar_t* s, int64_t sb, int64_t sk, in
     float v = -std::numeric_limits<float>::infinity();
     if (i >= 0) {
       v = static_cast<float>(s[b * sb + i * sk]);
-      fine &= std::isfinite(v);
+      fine &= __builtin_isfinite(v);
     }
     t.x[p * kLanes + l] = v;
     t.scored[p * kLanes + l] = i >= 0 && p < places;
@@ -260,6 +260,346 @@ bool applies(const Batch& batch, at::ScalarType dtype) {
   return dtype != at::kDouble && batch.mask == nullptr && batch.mode != pl::kByGroups && batch.K > 0;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Fast path for ties: `groups` whose valid levels span at most kTileLevels values (the dense levels of the
+// level path, plackett_luce_math.h), fp32 accumulation, kLanes lists at once.
+//
+// The tile keeps the item order: x and level = g − lo (-1 outside the list) are (K, kLanes). The per-level
+// accumulations of the scalar level path become one-hot passes (for each level ℓ, a select on level == ℓ
+// across the lanes): O(levels·K), but without scatters, so they vectorise; the walks over the levels run
+// across the lanes with empty levels masked out. The arithmetic is the scalar level path's (the same
+// risk-set maxima, one exp per item, the same rescaling, the same Efron flushes), so ±1e4 scores keep their
+// precision. A lane takes the scalar path when its list is bad (a group below -1, a NaN/±inf valid score:
+// the scalar path implements strength 0 and NaN), has no valid item, or spans more levels.
+//
+// The lane loops are written with GCC vector types (kWidth floats; 32 bytes: one AVX2 register in the
+// avx2 clone, two SSE registers in the default one): the one-hot selects on a stack of per-level vectors
+// are beyond the auto-vectoriser.
+// ---------------------------------------------------------------------------------------------------------
+constexpr int64_t kTileLevels = 16;  // beyond, the O(levels·K) one-hot passes lose to the scalar scatters
+constexpr float kLowest = -3.40282347e38f;  // at most every finite score: the maximum of an empty level
+constexpr float kFlushBelow = 5.42101086242752217e-20f;  // 2^-64: Efron's running products (group_terms)
+
+// The helpers are always inlined into the target_clones functions, so no vector crosses a call: the ABI note
+// of -Wpsabi does not apply (GCC emits it at the end of the file, so it stays off from here on).
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float vfloat __attribute__((vector_size(32)));
+typedef int32_t vint __attribute__((vector_size(32)));
+constexpr int64_t kWidth = sizeof(vfloat) / sizeof(float);
+constexpr int64_t kVecs = kLanes / kWidth;  // vectors per tile row
+static_assert(kVecs * kWidth == kLanes);
+#define PF_VECTOR_INLINE inline __attribute__((always_inline))
+
+PF_VECTOR_INLINE vfloat splat(float v) { return vfloat{} + v; }
+PF_VECTOR_INLINE vfloat load_v(const float* p) {
+  vfloat v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+PF_VECTOR_INLINE vint load_v(const int32_t* p) {
+  vint v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+PF_VECTOR_INLINE void store_v(float* p, vfloat v) { __builtin_memcpy(p, &v, sizeof(v)); }
+PF_VECTOR_INLINE vfloat max_v(vfloat a, vfloat b) { return a > b ? a : b; }
+PF_VECTOR_INLINE bool any_v(vint m) {
+  int32_t any = 0;
+  for (int64_t k = 0; k < kWidth; ++k) any |= m[k];
+  return any != 0;
+}
+PF_VECTOR_INLINE float hmax_v(vfloat v) {
+  float m = v[0];
+  for (int64_t k = 1; k < kWidth; ++k) m = v[k] > m ? v[k] : m;
+  return m;
+}
+
+// exp_nonpositive() and log_positive() lane by lane (the same operations in the same order).
+PF_VECTOR_INLINE vfloat exp_nonpositive_v(vfloat x) {
+  const vint under = x < kExpFloor;
+  const vfloat xc = under ? splat(kExpFloor) : x;
+  const vfloat t = xc * 1.44269504088896341f + 0.5f;
+  vfloat n = __builtin_convertvector(__builtin_convertvector(t, vint), vfloat);  // floor(t): t > -126
+  n = n > t ? n - 1.0f : n;
+  const vfloat r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  const vfloat r2 = r * r;
+  vfloat y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  return under ? vfloat{} : y * (vfloat)bits;
+}
+
+PF_VECTOR_INLINE vfloat log_positive_v(vfloat x) {
+  const vint bits = (vint)x;
+  vfloat e = __builtin_convertvector((bits >> 23) - 126, vfloat);
+  const vint mant_bits = (bits & 0x007fffff) | 0x3f000000;
+  const vfloat m = (vfloat)mant_bits;
+  const vint small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  const vfloat f = (small ? m + m : m) - 1.0f;
+  const vfloat z = f * f;
+  vfloat y = splat(7.0376836292e-2f);
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += e * -2.12194440e-4f;
+  y -= 0.5f * z;
+  return f + y + e * 0.693359375f;
+}
+
+struct LevelTile {
+  std::vector<float> x, share;  // (K, kLanes): scores (0 outside the list); e^{x − mx_ℓ}, then the gradient
+  std::vector<int32_t> level;   // (K, kLanes)
+  explicit LevelTile(int64_t K) : x(K * kLanes), share(K * kLanes), level(K * kLanes) {}
+};
+
+// Per level ℓ < levels and vector h of lanes: count, the risk set's maximum mx_ℓ (over levels ≥ ℓ; an empty
+// level holds the maximum of the levels above it), Σ e^{x − mx_ℓ}, Σ (mx_ℓ − x) (forward only: the group's
+// Σ (L − s_i) without cancellation at ±1e4) and [ℓ scored]; d_max[ℓ]: the level's most items in a lane.
+struct LevelSums {
+  vfloat count[kTileLevels][kVecs], risk_max[kTileLevels][kVecs], exp_sum[kTileLevels][kVecs],
+      gap_sum[kTileLevels][kVecs], scored[kTileLevels][kVecs];
+  float d_max[kTileLevels];
+};
+
+// Fills `a` and share[i] = e^{x_i − mx_ℓ(i)} (0 outside the list). A cleared lane (level -1 everywhere) has
+// only empty levels.
+template <bool kGaps>
+PF_VECTOR_INLINE void level_sums(const float* x, const int32_t* level, int64_t K, int64_t levels, int64_t top_k,
+                                 float* share, LevelSums& a) {
+  for (int32_t v = 0; v < levels; ++v) {  // count and maximum per level
+    vfloat c[kVecs], m[kVecs];
+    for (int64_t h = 0; h < kVecs; ++h) {
+      c[h] = vfloat{};
+      m[h] = splat(kLowest);
+    }
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t h = 0; h < kVecs; ++h) {
+        const vint in = load_v(level + i * kLanes + h * kWidth) == v;
+        const vfloat xi = load_v(x + i * kLanes + h * kWidth);
+        c[h] += in ? splat(1.0f) : vfloat{};
+        m[h] = in & (xi > m[h]) ? xi : m[h];
+      }
+    a.d_max[v] = 0.0f;
+    for (int64_t h = 0; h < kVecs; ++h) {
+      a.count[v][h] = c[h];
+      a.risk_max[v][h] = m[h];
+      a.d_max[v] = std::max(a.d_max[v], hmax_v(c[h]));
+    }
+  }
+  const float cut = top_k < 0 ? 3.0e38f : static_cast<float>(top_k);
+  for (int64_t h = 0; h < kVecs; ++h) {
+    vfloat run = splat(kLowest);  // worst → best: the risk sets' maxima
+    for (int64_t v = levels - 1; v >= 0; --v) {
+      run = max_v(a.risk_max[v][h], run);
+      a.risk_max[v][h] = run;
+    }
+    vfloat rank = vfloat{};  // best → worst: the groups before ℓ (top_k counts groups, not levels)
+    for (int64_t v = 0; v < levels; ++v) {
+      a.scored[v][h] = rank < cut ? splat(1.0f) : vfloat{};
+      rank += a.count[v][h] > 0.0f ? splat(1.0f) : vfloat{};
+    }
+  }
+  for (int64_t v = 0; v < levels; ++v)
+    for (int64_t h = 0; h < kVecs; ++h) {
+      a.exp_sum[v][h] = vfloat{};
+      a.gap_sum[v][h] = vfloat{};
+    }
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t h = 0; h < kVecs; ++h) {
+      const vint lv = load_v(level + i * kLanes + h * kWidth);
+      vfloat mx = vfloat{};  // mx_ℓ(i), one-hot
+      for (int32_t v = 0; v < levels; ++v) mx = lv == v ? a.risk_max[v][h] : mx;
+      const vfloat gap = mx - load_v(x + i * kLanes + h * kWidth);
+      const vfloat e = lv >= 0 ? exp_nonpositive_v(-gap) : vfloat{};
+      store_v(share + i * kLanes + h * kWidth, e);
+      for (int32_t v = 0; v < levels; ++v) {
+        const vint in = lv == v;
+        a.exp_sum[v][h] += in ? e : vfloat{};
+        if constexpr (kGaps) a.gap_sum[v][h] += in ? gap : vfloat{};
+      }
+    }
+}
+
+// NLL of the tile's lanes (list_nll_levels across the lanes).
+__attribute__((target_clones("avx2", "default"))) void level_scan_forward(const float* x, const int32_t* level,
+                                                                           int64_t K, int64_t levels,
+                                                                           int64_t top_k, int64_t ties,
+                                                                           float* share, float* nll) {
+  LevelSums a;
+  level_sums<true>(x, level, K, levels, top_k, share, a);
+  for (int64_t h = 0; h < kVecs; ++h) {
+    vfloat mx = splat(kLowest), sum = vfloat{}, total = vfloat{};
+    for (int64_t v = levels - 1; v >= 0; --v) {
+      // an empty level (risk_max = mx, exp_sum = 0) leaves (mx, sum) as they are
+      const vfloat d = a.count[v][h], group_sum = a.exp_sum[v][h];
+      const vfloat m_new = max_v(a.risk_max[v][h], mx);
+      sum = sum * exp_nonpositive_v(mx - m_new) + group_sum;
+      mx = m_new;
+      vfloat terms = a.gap_sum[v][h] + d * log_positive_v(max_v(sum, splat(1.0f)));
+      if (ties == pl::kEfron && a.d_max[v] > 1.0f) {  // Σ_j log(1 − (j/d)·ρ) as logs of running products
+        const vfloat rho = group_sum / (sum > 0.0f ? sum : splat(1.0f));
+        const vfloat inv_d = 1.0f / (d > 0.0f ? d : splat(1.0f));
+        vfloat product = splat(1.0f), logs = vfloat{};
+        for (float j = 1.0f; j < a.d_max[v]; j += 1.0f) {
+          product = j < d ? product * (1.0f - (j * inv_d) * rho) : product;
+          const vint flush = product < kFlushBelow;
+          if (any_v(flush)) {
+            logs += flush ? log_positive_v(product) : vfloat{};
+            product = flush ? splat(1.0f) : product;
+          }
+        }
+        terms += logs + log_positive_v(product);
+      }
+      total += (d > 0.0f) & (a.scored[v][h] > 0.0f) ? terms : vfloat{};
+    }
+    store_v(nll + h * kWidth, total);
+  }
+}
+
+// grad (K, kLanes, in place of `share`) = grad_nll · ∂NLL/∂x (list_nll_backward_levels across the lanes).
+__attribute__((target_clones("avx2", "default"))) void level_scan_backward(const float* x, const int32_t* level,
+                                                                            int64_t K, int64_t levels,
+                                                                            int64_t top_k, int64_t ties,
+                                                                            const float* grad_nll, float* share) {
+  LevelSums a;
+  level_sums<false>(x, level, K, levels, top_k, share, a);
+  for (int64_t h = 0; h < kVecs; ++h) {
+    // Worst → best: 1/S_ℓ (into gap_sum), S_{ℓ+1}/S_ℓ (into risk_max; 1 for an empty level, which passes the
+    // ratio of the level above it on) and ρ_ℓ (into exp_sum).
+    vfloat mx = splat(kLowest), sum = vfloat{};
+    for (int64_t v = levels - 1; v >= 0; --v) {
+      const vfloat m_new = max_v(a.risk_max[v][h], mx);
+      const vfloat rest = sum * exp_nonpositive_v(mx - m_new);
+      sum = rest + a.exp_sum[v][h];
+      mx = m_new;
+      const vfloat inv = sum > 0.0f ? 1.0f / sum : vfloat{};
+      a.gap_sum[v][h] = inv;
+      a.risk_max[v][h] = a.count[v][h] == 0.0f ? splat(1.0f) : rest * inv;
+      a.exp_sum[v][h] *= inv;
+    }
+    // Best → worst: R_ℓ = R_{ℓ−1}·S_ℓ/S_{ℓ−1} + [ℓ scored]·u_ℓ and the level's factor f_ℓ = (R_ℓ − [ℓ scored]·
+    // v_ℓ)/S_ℓ (into gap_sum); ∂NLL/∂x_i = e^{x_i − mx_ℓ}·f_ℓ − [ℓ scored].
+    vfloat running = vfloat{}, ratio_prev = vfloat{};
+    for (int64_t v = 0; v < levels; ++v) {
+      const vfloat d = a.count[v][h], sc = a.scored[v][h];
+      vfloat u = d, w = vfloat{};
+      if (ties == pl::kEfron && a.d_max[v] > 1.0f) {  // u = Σ_j 1/(1 − c_j ρ), w = Σ_j c_j/(1 − c_j ρ), c_j = j/d
+        const vfloat inv_d = 1.0f / (d > 0.0f ? d : splat(1.0f));
+        u = d > 0.0f ? splat(1.0f) : vfloat{};  // j = 0: c = 0
+        for (float j = 1.0f; j < a.d_max[v]; j += 1.0f) {
+          const vfloat c = j * inv_d;
+          const vfloat inv_keep = 1.0f / (1.0f - c * a.exp_sum[v][h]);
+          const vint active = j < d;
+          u += active ? inv_keep : vfloat{};
+          w += active ? c * inv_keep : vfloat{};
+        }
+      }
+      const vint empty = d == 0.0f;
+      running = empty ? running : running * ratio_prev + sc * u;
+      ratio_prev = empty ? ratio_prev : a.risk_max[v][h];
+      a.gap_sum[v][h] *= running - sc * w;
+    }
+  }
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t h = 0; h < kVecs; ++h) {
+      const vint lv = load_v(level + i * kLanes + h * kWidth);
+      vfloat f = vfloat{}, sc = vfloat{};  // f_ℓ(i) and [ℓ(i) scored], one-hot
+      for (int32_t v = 0; v < levels; ++v) {
+        const vint in = lv == v;
+        f = in ? a.gap_sum[v][h] : f;
+        sc = in ? a.scored[v][h] : sc;
+      }
+      const vfloat e = load_v(share + i * kLanes + h * kWidth);
+      store_v(share + i * kLanes + h * kWidth,
+              lv >= 0 ? load_v(grad_nll + h * kWidth) * (e * f - sc) : vfloat{});  // 0 outside the list
+    }
+}
+
+// level −= lo of its lane, outside the list (-1) kept.
+__attribute__((target_clones("avx2", "default"))) void rebase_levels(int32_t* level, int64_t K, const int32_t* lo) {
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t h = 0; h < kVecs; ++h) {
+      const vint lv = load_v(level + i * kLanes + h * kWidth);
+      const vint rebased = lv >= 0 ? lv - load_v(lo + h * kWidth) : lv;
+      __builtin_memcpy(level + i * kLanes + h * kWidth, &rebased, sizeof(rebased));
+    }
+}
+
+// Fills lane l of the level tile from list b: x, and level = g (< 2^31; -1 outside the list) until
+// rebase_levels() subtracts the lane's lowest level `lo`. Returns the number of levels, 0 when the list takes
+// the scalar path (the lane is then cleared: only empty levels, no NaN in the tile).
+template <typename scalar_t>
+int64_t load_level_lane(const Batch& batch, const scalar_t* s, int64_t sb, int64_t sk, int64_t b, int64_t l,
+                        LevelTile& t, int32_t* lo_out) {
+  const int64_t K = batch.K;
+  const int64_t* g = batch.order + b * batch.order_sb;
+  const int64_t gk = batch.order_sk;
+  const scalar_t* row = s + b * sb;
+  const bool* mask = batch.mask ? batch.mask + b * batch.mask_sb : nullptr;
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
+  bool fine = true;
+  for (int64_t i = 0; i < K; ++i) {  // branch-free: scores outside the list are read (in bounds) and dropped
+    const int64_t gi = g[i * gk];
+    const bool valid = gi >= 0 && (mask == nullptr || mask[i * batch.mask_sk]);
+    const float v = static_cast<float>(row[i * sk]);
+    fine &= gi >= -1 && (!valid || __builtin_isfinite(v));
+    lo = valid && gi < lo ? gi : lo;
+    hi = valid && gi > hi ? gi : hi;
+    t.x[i * kLanes + l] = valid ? v : 0.0f;
+    t.level[i * kLanes + l] = valid ? static_cast<int32_t>(gi) : -1;  // truncation undone below if hi ≥ 2^31
+  }
+  const int64_t levels = hi < 0 ? 0 : hi - lo + 1;
+  if (!fine || levels == 0 || levels > kTileLevels || hi > std::numeric_limits<int32_t>::max()) {
+    for (int64_t i = 0; i < K; ++i) {
+      t.x[i * kLanes + l] = 0.0f;
+      t.level[i * kLanes + l] = -1;
+    }
+    *lo_out = 0;
+    return 0;
+  }
+  *lo_out = static_cast<int32_t>(lo);
+  return levels;
+}
+
+// Fills the level tile with lists b0 .. b0+lanes-1 (fine[l]: lane l scanned, else the scalar path scores it;
+// unused lanes of a last, partial block are cleared); returns the most levels of a lane (0: none scanned).
+template <typename scalar_t>
+int64_t load_level_block(const Batch& batch, const scalar_t* s, int64_t sb, int64_t sk, int64_t b0, int64_t lanes,
+                         LevelTile& t, bool* fine) {
+  int64_t levels = 0;
+  alignas(32) int32_t lo[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const int64_t n = l < lanes ? load_level_lane(batch, s, sb, sk, b0 + l, l, t, lo + l) : 0;
+    if (l >= lanes) {
+      lo[l] = 0;
+      for (int64_t i = 0; i < batch.K; ++i) {
+        t.x[i * kLanes + l] = 0.0f;
+        t.level[i * kLanes + l] = -1;
+      }
+    }
+    fine[l] = n > 0;
+    levels = std::max(levels, n);
+  }
+  if (levels > 0) rebase_levels(t.level.data(), batch.K, lo);
+  return levels;
+}
+
+bool applies_to_levels(const Batch& batch, at::ScalarType dtype) {
+  return dtype != at::kDouble && batch.mode == pl::kByGroups && batch.K > 0;
+}
+
 #pragma GCC pop_options
 
 }  // namespace fast
@@ -277,6 +617,7 @@ at::Tensor plackett_luce_nll_fwd_cpu(const at::Tensor& scores, const std::option
     const int64_t sb = scores.stride(0), sk = scores.stride(1);
     acc_t* out = nll.mutable_data_ptr<acc_t>();
     const bool vectorised = fast::applies(batch, scores.scalar_type());
+    const bool level_tiles = fast::applies_to_levels(batch, scores.scalar_type());
     at::parallel_for(0, batch.B, grain(batch.K), [&](int64_t begin, int64_t end) {
       Workspace<acc_t> ws(batch.K, 3);
       auto scalar_list = [&](int64_t b) {
@@ -294,6 +635,23 @@ at::Tensor plackett_luce_nll_fwd_cpu(const at::Tensor& scores, const std::option
             bool fine[fast::kLanes];
             fast::load_block(batch, s, sb, sk, b0, lanes, top_k, tile, fine);
             fast::scan_forward(tile.x.data(), tile.scored.data(), batch.K, block_nll);
+            for (int64_t l = 0; l < lanes; ++l) {
+              if (fine[l]) out[b0 + l] = block_nll[l];
+              else scalar_list(b0 + l);
+            }
+          }
+          return;
+        }
+        if (level_tiles) {
+          fast::LevelTile tile(batch.K);
+          float block_nll[fast::kLanes];
+          for (int64_t b0 = begin; b0 < end; b0 += fast::kLanes) {
+            const int64_t lanes = std::min(fast::kLanes, end - b0);
+            bool fine[fast::kLanes];
+            const int64_t levels = fast::load_level_block(batch, s, sb, sk, b0, lanes, tile, fine);
+            if (levels > 0)
+              fast::level_scan_forward(tile.x.data(), tile.level.data(), batch.K, levels, top_k, ties,
+                                       tile.share.data(), block_nll);
             for (int64_t l = 0; l < lanes; ++l) {
               if (fine[l]) out[b0 + l] = block_nll[l];
               else scalar_list(b0 + l);
@@ -323,6 +681,7 @@ at::Tensor plackett_luce_nll_bwd_cpu(const at::Tensor& grad_nll, const at::Tenso
     const int64_t gs = g.stride(0);  // 0 when broadcast from a scalar (reduction="sum"/"mean")
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     const bool vectorised = fast::applies(batch, scores.scalar_type());
+    const bool level_tiles = fast::applies_to_levels(batch, scores.scalar_type());
     at::parallel_for(0, batch.B, grain(batch.K), [&](int64_t begin, int64_t end) {
       Workspace<acc_t> ws(batch.K, 4);
       auto scalar_list = [&](int64_t b) {
@@ -356,6 +715,29 @@ at::Tensor plackett_luce_nll_bwd_cpu(const at::Tensor& grad_nll, const at::Tenso
                 const int64_t i = tile.item[p * fast::kLanes + l];
                 if (i >= 0) row[i] = static_cast<scalar_t>(tile.grad[p * fast::kLanes + l]);
               }
+            }
+          }
+          return;
+        }
+        if (level_tiles) {
+          fast::LevelTile tile(batch.K);
+          float block_grad_nll[fast::kLanes];
+          for (int64_t b0 = begin; b0 < end; b0 += fast::kLanes) {
+            const int64_t lanes = std::min(fast::kLanes, end - b0);
+            bool fine[fast::kLanes];
+            const int64_t levels = fast::load_level_block(batch, s, sb, sk, b0, lanes, tile, fine);
+            for (int64_t l = 0; l < fast::kLanes; ++l) block_grad_nll[l] = l < lanes ? gn[(b0 + l) * gs] : 0.0f;
+            if (levels > 0)
+              fast::level_scan_backward(tile.x.data(), tile.level.data(), batch.K, levels, top_k, ties,
+                                        block_grad_nll, tile.share.data());
+            for (int64_t l = 0; l < lanes; ++l) {
+              const int64_t b = b0 + l;
+              if (!fine[l]) {
+                scalar_list(b);
+                continue;
+              }
+              scalar_t* row = out + b * batch.K;
+              for (int64_t i = 0; i < batch.K; ++i) row[i] = static_cast<scalar_t>(tile.share[i * fast::kLanes + l]);
             }
           }
           return;
