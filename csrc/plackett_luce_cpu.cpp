@@ -364,107 +364,162 @@ struct LevelTile {
   explicit LevelTile(int64_t K) : x(K * kLanes), share(K * kLanes), level(K * kLanes) {}
 };
 
-// Per level ℓ < levels and vector h of lanes: count, the risk set's maximum mx_ℓ (over levels ≥ ℓ; an empty
-// level holds the maximum of the levels above it), Σ e^{x − mx_ℓ}, Σ (mx_ℓ − x) (forward only: the group's
+// One vector column h of the tile (kWidth lanes) at a time, with the level count rounded up to a compile-time
+// kLevels (4, 8 or 16: the per-level selects unroll and their accumulators stay in registers; the levels past
+// the lanes' own are empty). Per level ℓ: count, the risk set's maximum mx_ℓ (over levels ≥ ℓ; an empty level
+// holds the maximum of the levels above it), Σ e^{x − mx_ℓ}, Σ (mx_ℓ − x) (forward only: the group's
 // Σ (L − s_i) without cancellation at ±1e4) and [ℓ scored]; d_max[ℓ]: the level's most items in a lane.
+template <int kLevels>
 struct LevelSums {
-  vfloat count[kTileLevels][kVecs], risk_max[kTileLevels][kVecs], exp_sum[kTileLevels][kVecs],
-      gap_sum[kTileLevels][kVecs], scored[kTileLevels][kVecs];
-  float d_max[kTileLevels];
+  vfloat count[kLevels], risk_max[kLevels], exp_sum[kLevels], gap_sum[kLevels], scored[kLevels];
+  float d_max[kLevels];
 };
 
-// Fills `a` and share[i] = e^{x_i − mx_ℓ(i)} (0 outside the list). A cleared lane (level -1 everywhere) has
-// only empty levels.
-template <bool kGaps>
-PF_VECTOR_INLINE void level_sums(const float* x, const int32_t* level, int64_t K, int64_t levels, int64_t top_k,
-                                 float* share, LevelSums& a) {
-  for (int32_t v = 0; v < levels; ++v) {  // count and maximum per level
-    vfloat c[kVecs], m[kVecs];
-    for (int64_t h = 0; h < kVecs; ++h) {
-      c[h] = vfloat{};
-      m[h] = splat(kLowest);
-    }
-    for (int64_t i = 0; i < K; ++i)
-      for (int64_t h = 0; h < kVecs; ++h) {
-        const vint in = load_v(level + i * kLanes + h * kWidth) == v;
-        const vfloat xi = load_v(x + i * kLanes + h * kWidth);
-        c[h] += in ? splat(1.0f) : vfloat{};
-        m[h] = in & (xi > m[h]) ? xi : m[h];
-      }
-    a.d_max[v] = 0.0f;
-    for (int64_t h = 0; h < kVecs; ++h) {
-      a.count[v][h] = c[h];
-      a.risk_max[v][h] = m[h];
-      a.d_max[v] = std::max(a.d_max[v], hmax_v(c[h]));
+// Fills `a` for column h and share[i] = e^{x_i − mx_ℓ(i)} (0 outside the list). A cleared lane (level -1
+// everywhere) has only empty levels. `x`, `level` and `share` point at the column (row stride kLanes).
+template <int kLevels, bool kGaps>
+PF_VECTOR_INLINE void level_sums(const float* x, const int32_t* level, int64_t K, int64_t top_k, float* share,
+                                 LevelSums<kLevels>& a) {
+  vint count[kLevels];
+  for (int v = 0; v < kLevels; ++v) {
+    count[v] = vint{};
+    a.risk_max[v] = splat(kLowest);
+  }
+  for (int64_t i = 0; i < K; ++i) {  // count and maximum per level
+    const vint lv = load_v(level + i * kLanes);
+    const vfloat xi = load_v(x + i * kLanes);
+    for (int v = 0; v < kLevels; ++v) {
+      const vint in = lv == v;
+      count[v] -= in;  // in = -1 where true
+      a.risk_max[v] = max_v(a.risk_max[v], in ? xi : splat(kLowest));
     }
   }
   const float cut = top_k < 0 ? 3.0e38f : static_cast<float>(top_k);
-  for (int64_t h = 0; h < kVecs; ++h) {
-    vfloat run = splat(kLowest);  // worst → best: the risk sets' maxima
-    for (int64_t v = levels - 1; v >= 0; --v) {
-      run = max_v(a.risk_max[v][h], run);
-      a.risk_max[v][h] = run;
-    }
-    vfloat rank = vfloat{};  // best → worst: the groups before ℓ (top_k counts groups, not levels)
-    for (int64_t v = 0; v < levels; ++v) {
-      a.scored[v][h] = rank < cut ? splat(1.0f) : vfloat{};
-      rank += a.count[v][h] > 0.0f ? splat(1.0f) : vfloat{};
+  vfloat run = splat(kLowest), rank = vfloat{};
+  for (int v = kLevels - 1; v >= 0; --v) {  // worst → best: the risk sets' maxima
+    run = max_v(a.risk_max[v], run);
+    a.risk_max[v] = run;
+  }
+  for (int v = 0; v < kLevels; ++v) {  // best → worst: the groups before ℓ (top_k counts groups, not levels)
+    a.count[v] = __builtin_convertvector(count[v], vfloat);
+    a.d_max[v] = hmax_v(a.count[v]);
+    a.scored[v] = rank < cut ? splat(1.0f) : vfloat{};
+    rank += a.count[v] > 0.0f ? splat(1.0f) : vfloat{};
+    a.exp_sum[v] = vfloat{};
+    a.gap_sum[v] = vfloat{};
+  }
+  for (int64_t i = 0; i < K; ++i) {
+    const vint lv = load_v(level + i * kLanes);
+    vfloat mx = vfloat{};  // mx_ℓ(i), one-hot
+    for (int v = 0; v < kLevels; ++v) mx = lv == v ? a.risk_max[v] : mx;
+    const vfloat gap = mx - load_v(x + i * kLanes);
+    const vfloat e = lv >= 0 ? exp_nonpositive_v(-gap) : vfloat{};
+    store_v(share + i * kLanes, e);
+    for (int v = 0; v < kLevels; ++v) {
+      const vint in = lv == v;
+      a.exp_sum[v] += in ? e : vfloat{};
+      if constexpr (kGaps) a.gap_sum[v] += in ? gap : vfloat{};
     }
   }
-  for (int64_t v = 0; v < levels; ++v)
-    for (int64_t h = 0; h < kVecs; ++h) {
-      a.exp_sum[v][h] = vfloat{};
-      a.gap_sum[v][h] = vfloat{};
-    }
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t h = 0; h < kVecs; ++h) {
-      const vint lv = load_v(level + i * kLanes + h * kWidth);
-      vfloat mx = vfloat{};  // mx_ℓ(i), one-hot
-      for (int32_t v = 0; v < levels; ++v) mx = lv == v ? a.risk_max[v][h] : mx;
-      const vfloat gap = mx - load_v(x + i * kLanes + h * kWidth);
-      const vfloat e = lv >= 0 ? exp_nonpositive_v(-gap) : vfloat{};
-      store_v(share + i * kLanes + h * kWidth, e);
-      for (int32_t v = 0; v < levels; ++v) {
-        const vint in = lv == v;
-        a.exp_sum[v][h] += in ? e : vfloat{};
-        if constexpr (kGaps) a.gap_sum[v][h] += in ? gap : vfloat{};
-      }
-    }
 }
 
-// NLL of the tile's lanes (list_nll_levels across the lanes).
+template <int kLevels>
+PF_VECTOR_INLINE void level_column_forward(const float* x, const int32_t* level, int64_t K, int64_t top_k,
+                                           int64_t ties, float* share, float* nll) {
+  LevelSums<kLevels> a;
+  level_sums<kLevels, true>(x, level, K, top_k, share, a);
+  vfloat mx = splat(kLowest), sum = vfloat{}, total = vfloat{};
+  for (int v = kLevels - 1; v >= 0; --v) {
+    // an empty level (risk_max = mx, exp_sum = 0) leaves (mx, sum) as they are
+    const vfloat d = a.count[v], group_sum = a.exp_sum[v];
+    const vfloat m_new = max_v(a.risk_max[v], mx);
+    sum = sum * exp_nonpositive_v(mx - m_new) + group_sum;
+    mx = m_new;
+    if (a.d_max[v] == 0.0f) continue;
+    vfloat terms = a.gap_sum[v] + d * log_positive_v(max_v(sum, splat(1.0f)));
+    if (ties == pl::kEfron && a.d_max[v] > 1.0f) {  // Σ_j log(1 − (j/d)·ρ) as logs of running products
+      const vfloat rho = group_sum / (sum > 0.0f ? sum : splat(1.0f));
+      const vfloat inv_d = 1.0f / (d > 0.0f ? d : splat(1.0f));
+      vfloat product = splat(1.0f), logs = vfloat{};
+      for (float j = 1.0f; j < a.d_max[v]; j += 1.0f) {
+        product = j < d ? product * (1.0f - (j * inv_d) * rho) : product;
+        const vint flush = product < kFlushBelow;
+        if (any_v(flush)) {
+          logs += flush ? log_positive_v(product) : vfloat{};
+          product = flush ? splat(1.0f) : product;
+        }
+      }
+      terms += logs + log_positive_v(product);
+    }
+    total += (d > 0.0f) & (a.scored[v] > 0.0f) ? terms : vfloat{};
+  }
+  store_v(nll, total);
+}
+
+template <int kLevels>
+PF_VECTOR_INLINE void level_column_backward(const float* x, const int32_t* level, int64_t K, int64_t top_k,
+                                            int64_t ties, const float* grad_nll, float* share) {
+  LevelSums<kLevels> a;
+  level_sums<kLevels, false>(x, level, K, top_k, share, a);
+  // Worst → best: 1/S_ℓ (into gap_sum), S_{ℓ+1}/S_ℓ (into risk_max; 1 for an empty level, which passes the
+  // ratio of the level above it on) and ρ_ℓ (into exp_sum).
+  vfloat mx = splat(kLowest), sum = vfloat{};
+  for (int v = kLevels - 1; v >= 0; --v) {
+    const vfloat m_new = max_v(a.risk_max[v], mx);
+    const vfloat rest = sum * exp_nonpositive_v(mx - m_new);
+    sum = rest + a.exp_sum[v];
+    mx = m_new;
+    const vfloat inv = sum > 0.0f ? 1.0f / sum : vfloat{};
+    a.gap_sum[v] = inv;
+    a.risk_max[v] = a.count[v] == 0.0f ? splat(1.0f) : rest * inv;
+    a.exp_sum[v] *= inv;
+  }
+  // Best → worst: R_ℓ = R_{ℓ−1}·S_ℓ/S_{ℓ−1} + [ℓ scored]·u_ℓ and the level's factor f_ℓ = (R_ℓ − [ℓ scored]·v_ℓ)/S_ℓ
+  // (into gap_sum); ∂NLL/∂x_i = e^{x_i − mx_ℓ}·f_ℓ − [ℓ scored].
+  vfloat running = vfloat{}, ratio_prev = vfloat{};
+  for (int v = 0; v < kLevels; ++v) {
+    const vfloat d = a.count[v], sc = a.scored[v];
+    vfloat u = d, w = vfloat{};
+    if (ties == pl::kEfron && a.d_max[v] > 1.0f) {  // u = Σ_j 1/(1 − c_j ρ), w = Σ_j c_j/(1 − c_j ρ), c_j = j/d
+      const vfloat inv_d = 1.0f / (d > 0.0f ? d : splat(1.0f));
+      u = d > 0.0f ? splat(1.0f) : vfloat{};  // j = 0: c = 0
+      for (float j = 1.0f; j < a.d_max[v]; j += 1.0f) {
+        const vfloat c = j * inv_d;
+        const vfloat inv_keep = 1.0f / (1.0f - c * a.exp_sum[v]);
+        const vint active = j < d;
+        u += active ? inv_keep : vfloat{};
+        w += active ? c * inv_keep : vfloat{};
+      }
+    }
+    const vint empty = d == 0.0f;
+    running = empty ? running : running * ratio_prev + sc * u;
+    ratio_prev = empty ? ratio_prev : a.risk_max[v];
+    a.gap_sum[v] *= running - sc * w;
+  }
+  const vfloat gn = load_v(grad_nll);
+  for (int64_t i = 0; i < K; ++i) {
+    const vint lv = load_v(level + i * kLanes);
+    vfloat f = vfloat{}, sc = vfloat{};  // f_ℓ(i) and [ℓ(i) scored], one-hot
+    for (int v = 0; v < kLevels; ++v) {
+      const vint in = lv == v;
+      f = in ? a.gap_sum[v] : f;
+      sc = in ? a.scored[v] : sc;
+    }
+    const vfloat e = load_v(share + i * kLanes);
+    store_v(share + i * kLanes, lv >= 0 ? gn * (e * f - sc) : vfloat{});  // 0 outside the list
+  }
+}
+
+// NLL of the tile's lanes (list_nll_levels across the lanes); `levels` ≤ kTileLevels.
 __attribute__((target_clones("avx2", "default"))) void level_scan_forward(const float* x, const int32_t* level,
                                                                            int64_t K, int64_t levels,
                                                                            int64_t top_k, int64_t ties,
                                                                            float* share, float* nll) {
-  LevelSums a;
-  level_sums<true>(x, level, K, levels, top_k, share, a);
   for (int64_t h = 0; h < kVecs; ++h) {
-    vfloat mx = splat(kLowest), sum = vfloat{}, total = vfloat{};
-    for (int64_t v = levels - 1; v >= 0; --v) {
-      // an empty level (risk_max = mx, exp_sum = 0) leaves (mx, sum) as they are
-      const vfloat d = a.count[v][h], group_sum = a.exp_sum[v][h];
-      const vfloat m_new = max_v(a.risk_max[v][h], mx);
-      sum = sum * exp_nonpositive_v(mx - m_new) + group_sum;
-      mx = m_new;
-      vfloat terms = a.gap_sum[v][h] + d * log_positive_v(max_v(sum, splat(1.0f)));
-      if (ties == pl::kEfron && a.d_max[v] > 1.0f) {  // Σ_j log(1 − (j/d)·ρ) as logs of running products
-        const vfloat rho = group_sum / (sum > 0.0f ? sum : splat(1.0f));
-        const vfloat inv_d = 1.0f / (d > 0.0f ? d : splat(1.0f));
-        vfloat product = splat(1.0f), logs = vfloat{};
-        for (float j = 1.0f; j < a.d_max[v]; j += 1.0f) {
-          product = j < d ? product * (1.0f - (j * inv_d) * rho) : product;
-          const vint flush = product < kFlushBelow;
-          if (any_v(flush)) {
-            logs += flush ? log_positive_v(product) : vfloat{};
-            product = flush ? splat(1.0f) : product;
-          }
-        }
-        terms += logs + log_positive_v(product);
-      }
-      total += (d > 0.0f) & (a.scored[v][h] > 0.0f) ? terms : vfloat{};
-    }
-    store_v(nll + h * kWidth, total);
+    const int64_t o = h * kWidth;
+    if (levels <= 4) level_column_forward<4>(x + o, level + o, K, top_k, ties, share + o, nll + o);
+    else if (levels <= 8) level_column_forward<8>(x + o, level + o, K, top_k, ties, share + o, nll + o);
+    else level_column_forward<kTileLevels>(x + o, level + o, K, top_k, ties, share + o, nll + o);
   }
 }
 
@@ -473,58 +528,111 @@ __attribute__((target_clones("avx2", "default"))) void level_scan_backward(const
                                                                             int64_t K, int64_t levels,
                                                                             int64_t top_k, int64_t ties,
                                                                             const float* grad_nll, float* share) {
-  LevelSums a;
-  level_sums<false>(x, level, K, levels, top_k, share, a);
   for (int64_t h = 0; h < kVecs; ++h) {
-    // Worst → best: 1/S_ℓ (into gap_sum), S_{ℓ+1}/S_ℓ (into risk_max; 1 for an empty level, which passes the
-    // ratio of the level above it on) and ρ_ℓ (into exp_sum).
-    vfloat mx = splat(kLowest), sum = vfloat{};
-    for (int64_t v = levels - 1; v >= 0; --v) {
-      const vfloat m_new = max_v(a.risk_max[v][h], mx);
-      const vfloat rest = sum * exp_nonpositive_v(mx - m_new);
-      sum = rest + a.exp_sum[v][h];
-      mx = m_new;
-      const vfloat inv = sum > 0.0f ? 1.0f / sum : vfloat{};
-      a.gap_sum[v][h] = inv;
-      a.risk_max[v][h] = a.count[v][h] == 0.0f ? splat(1.0f) : rest * inv;
-      a.exp_sum[v][h] *= inv;
+    const int64_t o = h * kWidth;
+    if (levels <= 4) level_column_backward<4>(x + o, level + o, K, top_k, ties, grad_nll + o, share + o);
+    else if (levels <= 8) level_column_backward<8>(x + o, level + o, K, top_k, ties, grad_nll + o, share + o);
+    else level_column_backward<kTileLevels>(x + o, level + o, K, top_k, ties, grad_nll + o, share + o);
+  }
+}
+
+// In-register 8×8 transpose (kWidth == 8): r[k] = row k in, column k out.
+PF_VECTOR_INLINE void transpose8(vfloat* r) {
+  static_assert(kWidth == 8);
+  vfloat t[8], u[8];
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = __builtin_shuffle(r[k], r[k + 1], vint{0, 8, 1, 9, 4, 12, 5, 13});
+    t[k + 1] = __builtin_shuffle(r[k], r[k + 1], vint{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int k = 0; k < 8; k += 4)
+    for (int j = 0; j < 2; ++j) {
+      u[k + 2 * j] = __builtin_shuffle(t[k + j], t[k + j + 2], vint{0, 1, 8, 9, 4, 5, 12, 13});
+      u[k + 2 * j + 1] = __builtin_shuffle(t[k + j], t[k + j + 2], vint{2, 3, 10, 11, 6, 7, 14, 15});
     }
-    // Best → worst: R_ℓ = R_{ℓ−1}·S_ℓ/S_{ℓ−1} + [ℓ scored]·u_ℓ and the level's factor f_ℓ = (R_ℓ − [ℓ scored]·
-    // v_ℓ)/S_ℓ (into gap_sum); ∂NLL/∂x_i = e^{x_i − mx_ℓ}·f_ℓ − [ℓ scored].
-    vfloat running = vfloat{}, ratio_prev = vfloat{};
-    for (int64_t v = 0; v < levels; ++v) {
-      const vfloat d = a.count[v][h], sc = a.scored[v][h];
-      vfloat u = d, w = vfloat{};
-      if (ties == pl::kEfron && a.d_max[v] > 1.0f) {  // u = Σ_j 1/(1 − c_j ρ), w = Σ_j c_j/(1 − c_j ρ), c_j = j/d
-        const vfloat inv_d = 1.0f / (d > 0.0f ? d : splat(1.0f));
-        u = d > 0.0f ? splat(1.0f) : vfloat{};  // j = 0: c = 0
-        for (float j = 1.0f; j < a.d_max[v]; j += 1.0f) {
-          const vfloat c = j * inv_d;
-          const vfloat inv_keep = 1.0f / (1.0f - c * a.exp_sum[v][h]);
-          const vint active = j < d;
-          u += active ? inv_keep : vfloat{};
-          w += active ? c * inv_keep : vfloat{};
-        }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = __builtin_shuffle(u[k], u[k + 4], vint{0, 1, 2, 3, 8, 9, 10, 11});
+    r[k + 4] = __builtin_shuffle(u[k], u[k + 4], vint{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
+typedef int64_t vlong8 __attribute__((vector_size(8 * sizeof(int64_t))));
+typedef uint32_t vuint __attribute__((vector_size(32)));
+
+// A full block from contiguous fp32 rows and contiguous int64 groups without a mask (the common layout):
+// 8×8 transposes into the tile, then every lane's checks and its rebase across the lanes. levels[l]: lane
+// l's level count, 0 when it takes the scalar path (its lane is cleared).
+__attribute__((target_clones("avx2", "default"))) void load_dense_block(const float* s, int64_t sb,
+                                                                         const int64_t* g, int64_t gb, int64_t K,
+                                                                         float* x, int32_t* level,
+                                                                         int32_t* levels) {
+  const int64_t full = K - K % kWidth;
+  const vlong8 below = vlong8{} - 2, above = vlong8{} + std::numeric_limits<int32_t>::max();
+  for (int64_t h = 0; h < kVecs; ++h) {
+    const float* sh = s + h * kWidth * sb;
+    const int64_t* gh = g + h * kWidth * gb;
+    for (int64_t c0 = 0; c0 < full; c0 += kWidth) {
+      vfloat r[kWidth], q[kWidth];
+      for (int64_t k = 0; k < kWidth; ++k) {
+        r[k] = load_v(sh + k * sb + c0);
+        vlong8 g8;
+        __builtin_memcpy(&g8, gh + k * gb + c0, sizeof(g8));
+        g8 = g8 < below ? below : g8;  // -2: a bad group (the lane takes the scalar path, which reports it)
+        g8 = g8 > above ? above : g8;  // 2^31 − 1: too high for the tile's levels (the scalar path)
+        q[k] = (vfloat)__builtin_convertvector(g8, vint);
       }
-      const vint empty = d == 0.0f;
-      running = empty ? running : running * ratio_prev + sc * u;
-      ratio_prev = empty ? ratio_prev : a.risk_max[v][h];
-      a.gap_sum[v][h] *= running - sc * w;
+      transpose8(r);
+      transpose8(q);
+      for (int64_t k = 0; k < kWidth; ++k) {
+        store_v(x + (c0 + k) * kLanes + h * kWidth, r[k]);
+        __builtin_memcpy(level + (c0 + k) * kLanes + h * kWidth, &q[k], sizeof(q[k]));
+      }
+    }
+    for (int64_t c = full; c < K; ++c)
+      for (int64_t k = 0; k < kWidth; ++k) {
+        const int64_t gi = gh[k * gb + c];
+        x[c * kLanes + h * kWidth + k] = sh[k * sb + c];
+        level[c * kLanes + h * kWidth + k] =
+            static_cast<int32_t>(gi < -2 ? -2 : gi > std::numeric_limits<int32_t>::max() ? 0x7fffffff : gi);
+      }
+    vint lo = vint{} + std::numeric_limits<int32_t>::max(), hi = vint{} - 1, bad = vint{};
+    for (int64_t i = 0; i < K; ++i) {
+      const vint lv = load_v(level + i * kLanes + h * kWidth);
+      const vfloat xi = load_v(x + i * kLanes + h * kWidth);
+      const vint valid = lv >= 0;
+      bad |= (lv < -1) | (valid & (((vint)xi & 0x7f800000) == 0x7f800000));  // NaN/±inf in the list
+      lo = valid & (lv < lo) ? lv : lo;
+      hi = valid & (lv > hi) ? lv : hi;
+    }
+    const vint span = (vint)((vuint)hi - (vuint)lo);  // hi − lo (wraps harmlessly for an empty lane)
+    const vint fine = ~bad & (hi >= 0) & (hi < std::numeric_limits<int32_t>::max()) & (span < kTileLevels);
+    const vint n = fine ? span + 1 : vint{};
+    __builtin_memcpy(levels + h * kWidth, &n, sizeof(n));
+    for (int64_t i = 0; i < K; ++i) {  // rebase; clear the lanes of the scalar path and what is outside lists
+      const vint lv = load_v(level + i * kLanes + h * kWidth);
+      const vint keep = fine & (lv >= 0);
+      const vint rebased = keep ? lv - lo : vint{} - 1;
+      const vfloat xi = load_v(x + i * kLanes + h * kWidth);
+      __builtin_memcpy(level + i * kLanes + h * kWidth, &rebased, sizeof(rebased));
+      store_v(x + i * kLanes + h * kWidth, keep ? xi : vfloat{});
     }
   }
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t h = 0; h < kVecs; ++h) {
-      const vint lv = load_v(level + i * kLanes + h * kWidth);
-      vfloat f = vfloat{}, sc = vfloat{};  // f_ℓ(i) and [ℓ(i) scored], one-hot
-      for (int32_t v = 0; v < levels; ++v) {
-        const vint in = lv == v;
-        f = in ? a.gap_sum[v][h] : f;
-        sc = in ? a.scored[v][h] : sc;
-      }
-      const vfloat e = load_v(share + i * kLanes + h * kWidth);
-      store_v(share + i * kLanes + h * kWidth,
-              lv >= 0 ? load_v(grad_nll + h * kWidth) * (e * f - sc) : vfloat{});  // 0 outside the list
+}
+
+// The gradient tile (K, kLanes) of a full block into contiguous fp32 rows: 8×8 transposes.
+__attribute__((target_clones("avx2", "default"))) void store_dense_block(const float* tile, int64_t K,
+                                                                          float* out, int64_t ob) {
+  const int64_t full = K - K % kWidth;
+  for (int64_t h = 0; h < kVecs; ++h) {
+    float* oh = out + h * kWidth * ob;
+    for (int64_t c0 = 0; c0 < full; c0 += kWidth) {
+      vfloat r[kWidth];
+      for (int64_t k = 0; k < kWidth; ++k) r[k] = load_v(tile + (c0 + k) * kLanes + h * kWidth);
+      transpose8(r);
+      for (int64_t k = 0; k < kWidth; ++k) store_v(oh + k * ob + c0, r[k]);
     }
+    for (int64_t c = full; c < K; ++c)
+      for (int64_t k = 0; k < kWidth; ++k) oh[k * ob + c] = tile[c * kLanes + h * kWidth + k];
+  }
 }
 
 // level −= lo of its lane, outside the list (-1) kept.
@@ -579,6 +687,18 @@ template <typename scalar_t>
 int64_t load_level_block(const Batch& batch, const scalar_t* s, int64_t sb, int64_t sk, int64_t b0, int64_t lanes,
                          LevelTile& t, bool* fine) {
   int64_t levels = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (lanes == kLanes && sk == 1 && batch.order_sk == 1 && batch.mask == nullptr) {
+      alignas(32) int32_t lane_levels[kLanes];
+      load_dense_block(s + b0 * sb, sb, batch.order + b0 * batch.order_sb, batch.order_sb, batch.K, t.x.data(),
+                       t.level.data(), lane_levels);
+      for (int64_t l = 0; l < kLanes; ++l) {
+        fine[l] = lane_levels[l] > 0;
+        levels = std::max<int64_t>(levels, lane_levels[l]);
+      }
+      return levels;
+    }
+  }
   alignas(32) int32_t lo[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
     const int64_t n = l < lanes ? load_level_lane(batch, s, sb, sk, b0 + l, l, t, lo + l) : 0;
@@ -730,12 +850,21 @@ at::Tensor plackett_luce_nll_bwd_cpu(const at::Tensor& grad_nll, const at::Tenso
             if (levels > 0)
               fast::level_scan_backward(tile.x.data(), tile.level.data(), batch.K, levels, top_k, ties,
                                         block_grad_nll, tile.share.data());
+            bool stored = false;  // a full fp32 block is written by transposes (the scalar path then rewrites
+                                  // the rows of its lanes)
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              if (levels > 0 && lanes == fast::kLanes) {
+                fast::store_dense_block(tile.share.data(), batch.K, reinterpret_cast<float*>(out + b0 * batch.K), batch.K);
+                stored = true;
+              }
+            }
             for (int64_t l = 0; l < lanes; ++l) {
               const int64_t b = b0 + l;
               if (!fine[l]) {
                 scalar_list(b);
                 continue;
               }
+              if (stored) continue;
               scalar_t* row = out + b * batch.K;
               for (int64_t i = 0; i < batch.K; ++i) row[i] = static_cast<scalar_t>(tile.share[i * fast::kLanes + l]);
             }
