@@ -2,7 +2,9 @@
 //
 // One pass per list straight from the user's tensors (any strides, no canonicalisation copies): the list's
 // order is built, validated and scored in cache-resident per-thread buffers (plackett_luce_math.h); a chunk of
-// lists per at::parallel_for task. Called only through the custom ops of prefrank/plackett_luce.py.
+// lists per at::parallel_for task. With fp32/fp16/bf16 scores two SIMD tiles take 16 lists at a time: full
+// rankings (namespace fast, first section) and groups of at most 16 levels (its second section); the lists
+// they cannot take keep the per-list code. Called only through the custom ops of prefrank/plackett_luce.py.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -262,7 +264,7 @@ bool applies(const Batch& batch, at::ScalarType dtype) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Fast path for ties: `groups` whose valid levels span at most kTileLevels values (the dense levels of the
-// level path, plackett_luce_math.h), fp32 accumulation, kLanes lists at once.
+// level path, plackett_luce_math.h; sorted or not), fp32 accumulation, kLanes lists at once.
 //
 // The tile keeps the item order: x and level = g − lo (-1 outside the list) are (K, kLanes). The per-level
 // accumulations of the scalar level path become one-hot passes (for each level ℓ, a select on level == ℓ
@@ -270,13 +272,15 @@ bool applies(const Batch& batch, at::ScalarType dtype) {
 // across the lanes with empty levels masked out. The arithmetic is the scalar level path's (the same
 // risk-set maxima, one exp per item, the same rescaling, the same Efron flushes), so ±1e4 scores keep their
 // precision. A lane takes the scalar path when its list is bad (a group below -1, a NaN/±inf valid score:
-// the scalar path implements strength 0 and NaN), has no valid item, or spans more levels.
+// the scalar path implements strength 0 and NaN), has no valid item, or its levels span more values (or
+// reach 2^31 − 1). Full blocks of contiguous fp32 rows with contiguous groups and no mask are loaded (and
+// their gradients stored) by 8×8 in-register transposes; other layouts and dtypes lane by lane.
 //
 // The lane loops are written with GCC vector types (kWidth floats; 32 bytes: one AVX2 register in the
 // avx2 clone, two SSE registers in the default one): the one-hot selects on a stack of per-level vectors
 // are beyond the auto-vectoriser.
 // ---------------------------------------------------------------------------------------------------------
-constexpr int64_t kTileLevels = 16;  // beyond, the O(levels·K) one-hot passes lose to the scalar scatters
+constexpr int64_t kTileLevels = 16;  // beyond, the O(levels·K) one-hot passes cost more than the scalar path
 constexpr float kLowest = -3.40282347e38f;  // at most every finite score: the maximum of an empty level
 constexpr float kFlushBelow = 5.42101086242752217e-20f;  // 2^-64: Efron's running products (group_terms)
 
@@ -301,21 +305,21 @@ PF_VECTOR_INLINE vint load_v(const int32_t* p) {
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
-PF_VECTOR_INLINE void store_v(float* p, vfloat v) { __builtin_memcpy(p, &v, sizeof(v)); }
-PF_VECTOR_INLINE vfloat max_v(vfloat a, vfloat b) { return a > b ? a : b; }
-PF_VECTOR_INLINE bool any_v(vint m) {
+PF_VECTOR_INLINE void store_v(float* p, const vfloat& v) { __builtin_memcpy(p, &v, sizeof(v)); }
+PF_VECTOR_INLINE vfloat max_v(const vfloat& a, const vfloat& b) { return a > b ? a : b; }
+PF_VECTOR_INLINE bool any_v(const vint& m) {
   int32_t any = 0;
   for (int64_t k = 0; k < kWidth; ++k) any |= m[k];
   return any != 0;
 }
-PF_VECTOR_INLINE float hmax_v(vfloat v) {
+PF_VECTOR_INLINE float hmax_v(const vfloat& v) {
   float m = v[0];
   for (int64_t k = 1; k < kWidth; ++k) m = v[k] > m ? v[k] : m;
   return m;
 }
 
 // exp_nonpositive() and log_positive() lane by lane (the same operations in the same order).
-PF_VECTOR_INLINE vfloat exp_nonpositive_v(vfloat x) {
+PF_VECTOR_INLINE vfloat exp_nonpositive_v(const vfloat& x) {
   const vint under = x < kExpFloor;
   const vfloat xc = under ? splat(kExpFloor) : x;
   const vfloat t = xc * 1.44269504088896341f + 0.5f;
@@ -334,7 +338,7 @@ PF_VECTOR_INLINE vfloat exp_nonpositive_v(vfloat x) {
   return under ? vfloat{} : y * (vfloat)bits;
 }
 
-PF_VECTOR_INLINE vfloat log_positive_v(vfloat x) {
+PF_VECTOR_INLINE vfloat log_positive_v(const vfloat& x) {
   const vint bits = (vint)x;
   vfloat e = __builtin_convertvector((bits >> 23) - 126, vfloat);
   const vint mant_bits = (bits & 0x007fffff) | 0x3f000000;
@@ -441,10 +445,15 @@ PF_VECTOR_INLINE void level_column_forward(const float* x, const int32_t* level,
       const vfloat rho = group_sum / (sum > 0.0f ? sum : splat(1.0f));
       const vfloat inv_d = 1.0f / (d > 0.0f ? d : splat(1.0f));
       vfloat product = splat(1.0f), logs = vfloat{};
+      // Every factor is ≥ 1/d > 2^-e (e: d_max's binary exponent + 1), so no product of j factors drops below
+      // 2^-64 while j·e ≤ 64: the flush test starts after that.
+      int32_t d_bits;
+      __builtin_memcpy(&d_bits, &a.d_max[v], sizeof(d_bits));
+      const float first_flush = 64.0f / static_cast<float>(((d_bits >> 23) & 0xff) - 126);
       for (float j = 1.0f; j < a.d_max[v]; j += 1.0f) {
         product = j < d ? product * (1.0f - (j * inv_d) * rho) : product;
         const vint flush = product < kFlushBelow;
-        if (any_v(flush)) {
+        if (j > first_flush && any_v(flush)) {
           logs += flush ? log_positive_v(product) : vfloat{};
           product = flush ? splat(1.0f) : product;
         }
@@ -716,8 +725,9 @@ int64_t load_level_block(const Batch& batch, const scalar_t* s, int64_t sb, int6
   return levels;
 }
 
+// The tile counts items in floats (exact up to 2^24).
 bool applies_to_levels(const Batch& batch, at::ScalarType dtype) {
-  return dtype != at::kDouble && batch.mode == pl::kByGroups && batch.K > 0;
+  return dtype != at::kDouble && batch.mode == pl::kByGroups && batch.K > 0 && batch.K <= (int64_t(1) << 24);
 }
 
 #pragma GCC pop_options
