@@ -634,7 +634,8 @@ TILE_KINDS = ("tile", "all_tied", "wide", "sorted", "worst_level_neg_inf", "most
 def tile_case(B, K, *, layout):
     """Scores and arguments of B lists of K items whose kind (TILE_KINDS) cycles so that every kind sits in
     every lane position of some block; B = full blocks plus a partial one. layout "dense": contiguous, -1
-    padding, no mask (the transposed load); "masked": a mask as well; "strided": transposed views (dim=0)."""
+    padding, no mask (the transposed load); "masked": a mask as well; "strided": transposed views (dim=0).
+    Half the scores outside the lists are NaN."""
     scores = torch.randn(B, K) * 2
     groups = torch.empty(B, K, dtype=torch.long)
     kinds = []
@@ -667,6 +668,8 @@ def tile_case(B, K, *, layout):
         groups = torch.where((torch.rand(B, K) < 0.15) & (torch.arange(K) >= 2), -1, groups)
     elif K > 2:
         groups[:, 2] = torch.where(torch.rand(B) < 0.5, -1, groups[:, 2])  # padding in half the lists
+    outside = (groups < 0) if mask is None else (groups < 0) | ~mask
+    scores[outside & (torch.rand(B, K) < 0.5)] = math.nan                 # never read as a score
     return scores, groups, mask, kinds
 
 
