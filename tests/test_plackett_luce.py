@@ -617,3 +617,157 @@ def test_cuda_matches_cpu_kernel(seed, dtype, mode, ties, K):
     want.sum().backward()
     got.sum().backward()
     torch.testing.assert_close(x_gpu.grad.cpu(), x_cpu.grad, **TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CPU tile for ties (fp32/fp16/bf16 scores, `groups` whose valid levels span at most TILE_LEVELS values):
+# TILE_LANES lists at once; a block's lists that do not qualify (-inf/NaN scores, a bad group, a wider span,
+# no valid item) and a last partial block take the scalar path. Full blocks of contiguous fp32 rows without
+# a mask load by transposes, other layouts lane by lane. float64 never uses it (gradcheck runs the scalar
+# path), so these tests compare fp32 against the float64 oracle at fp32 tolerance.
+# ---------------------------------------------------------------------------------------------------------
+
+TILE_LANES, TILE_LEVELS = 16, 16  # csrc/plackett_luce_cpu.cpp: fast::kLanes, fast::kTileLevels
+TILE_KINDS = ("tile", "all_tied", "wide", "sorted", "worst_level_neg_inf", "mostly_padding", "empty", "huge")
+
+
+def tile_case(B, K, *, layout):
+    """Scores and arguments of B lists of K items whose kind (TILE_KINDS) cycles so that every kind sits in
+    every lane position of some block; B = full blocks plus a partial one. layout "dense": contiguous, -1
+    padding, no mask (the transposed load); "masked": a mask as well; "strided": transposed views (dim=0).
+    Half the scores outside the lists are NaN."""
+    scores = torch.randn(B, K) * 2
+    groups = torch.empty(B, K, dtype=torch.long)
+    kinds = []
+    for b in range(B):
+        kind = TILE_KINDS[(b // TILE_LANES + b % TILE_LANES) % len(TILE_KINDS)]
+        kinds.append(kind)
+        span = int(torch.randint(2, min(K, TILE_LEVELS) + 1, ()))
+        lo = int(torch.randint(0, 4, ()))
+        row = lo + torch.randint(0, span, (K,))
+        row[:2] = torch.tensor([lo, lo + span - 1])[torch.randperm(2)]     # the span is exactly `span`
+        if kind == "all_tied":
+            row[:] = lo
+        elif kind == "wide":                                               # span > TILE_LEVELS: scalar path
+            row[0] = lo + TILE_LEVELS + int(torch.randint(0, 2 * K, ()))
+        elif kind == "sorted":
+            row = row.sort().values
+        elif kind == "worst_level_neg_inf":                                # strength 0: scalar path
+            scores[b][row == row.max()] = -math.inf
+        elif kind == "mostly_padding":
+            row[2:] = -1
+        elif kind == "empty":
+            row[:] = -1
+        elif kind == "huge":                                               # ±1e4: the risk-set rescaling
+            scores[b] = (scores[b] * 5e3).clamp(-1e4, 1e4)
+        groups[b] = row
+    mask = None
+    if layout != "dense":
+        mask = torch.rand(B, K) > 0.2
+        mask[:, :2] = True
+        groups = torch.where((torch.rand(B, K) < 0.15) & (torch.arange(K) >= 2), -1, groups)
+    elif K > 2:
+        groups[:, 2] = torch.where(torch.rand(B) < 0.5, -1, groups[:, 2])  # padding in half the lists
+    outside = (groups < 0) if mask is None else (groups < 0) | ~mask
+    scores[outside & (torch.rand(B, K) < 0.5)] = math.nan                 # never read as a score
+    return scores, groups, mask, kinds
+
+
+def nll_and_grad(scores, groups, mask, *, layout, grad_nll, **kw):
+    """Kernel (through the public op) in `layout`: the NLL and its gradient for grad_nll."""
+    if layout == "strided":
+        base = torch.empty(scores.shape[1], 3, scores.shape[0], dtype=scores.dtype)
+        base[:, 1, :] = scores.t()
+        x = base[:, 1, :].requires_grad_()                                  # (K, B), not contiguous
+        nll = ops.plackett_luce_nll(x, groups=groups.t(), mask=None if mask is None else mask.t(), dim=0, **kw)
+        (nll * grad_nll.to(nll.dtype)).sum().backward()
+        return nll, x.grad.t()
+    x = scores.clone().requires_grad_()
+    nll = ops.plackett_luce_nll(x, groups=groups, mask=mask, **kw)
+    (nll * grad_nll.to(nll.dtype)).sum().backward()
+    return nll, x.grad
+
+
+@pytest.mark.parametrize("layout", ["dense", "masked", "strided"])
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+@pytest.mark.parametrize("K", [3, 8, 21, 64])
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_level_tile_matches_reference(seed, layout, ties, K, top_k):
+    B = TILE_LANES * len(TILE_KINDS) + 5
+    scores, groups, mask, kinds = tile_case(B, K, layout=layout)
+    grad_nll = torch.rand(B, dtype=torch.float64) + 0.5
+    got, grad = nll_and_grad(scores, groups, mask, layout=layout, grad_nll=grad_nll, ties=ties, top_k=top_k)
+    x64 = scores.double().requires_grad_()
+    want = reference.plackett_luce_nll(x64, groups=groups, mask=mask, ties=ties, top_k=top_k)
+    (want * grad_nll).sum().backward()
+    assert torch.isfinite(want).all() and want[[k == "empty" for k in kinds]].eq(0).all()
+    huge = torch.tensor([k == "huge" for k in kinds])
+    torch.testing.assert_close(got.double()[~huge], want[~huge], **TOL[torch.float32])
+    torch.testing.assert_close(grad.double()[~huge], x64.grad[~huge], **TOL[torch.float32])
+    # ±1e4: NLLs of ~1e4·K; the fp32 inputs are exact, the tolerance is fp32's on sums of that size
+    torch.testing.assert_close(got.double()[huge], want[huge], rtol=1e-6, atol=1e-2)
+    torch.testing.assert_close(grad.double()[huge], x64.grad[huge], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_level_tile_low_precision(seed, ties, dtype):
+    B, K = TILE_LANES * 2 + 7, 13
+    scores, groups, mask, _ = tile_case(B, K, layout="masked")
+    scores = scores.clamp(-60, 60).to(dtype)                               # "huge" lanes within fp16 range
+    grad_tol = TOL[dtype]
+    grad = assert_matches_reference(scores, dict(rtol=1e-5, atol=1e-4), grad_tol, groups=groups, mask=mask,
+                                    ties=ties, top_k=3)
+    assert grad.dtype == dtype
+
+
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+def test_level_tile_efron_large_tie_groups(seed, ties):
+    """Tile lanes with ~100 tied items per level: Efron's running products flush below 2^-64 (ρ = 1 in the
+    worst group), lane by lane."""
+    B, K = TILE_LANES + 3, 300
+    groups = torch.randint(0, 3, (B, K))
+    groups[:, :3] = torch.arange(3)
+    groups[::2, 5:40] = -1                                                 # different tie sizes per lane
+    scores = torch.randn(B, K)
+    assert_matches_reference(scores, TOL[torch.float32], groups=groups, ties=ties)
+    assert_matches_reference(scores, TOL[torch.float32], groups=groups, ties=ties, top_k=2)
+
+
+@pytest.mark.parametrize("lane", range(TILE_LANES))
+def test_level_tile_bad_list_in_every_lane(lane):
+    """Data checks off (the CUDA default): a NaN/+inf score, a level below -1 or a -inf item of a scored level
+    in lane `lane` of a full block changes only that list (NaN, NaN, NaN, +inf); the other lanes keep their
+    values."""
+    B, K = 2 * TILE_LANES, 11
+    scores = torch.randn(B, K)
+    groups = torch.randint(0, 4, (B, K))
+    bad = [lane, TILE_LANES + lane]
+    for ties in (0, 1):
+        clean = torch.ops.prefrank.plackett_luce_nll(scores, None, groups, None, 2, ties, False)
+        clean_grad = torch.ops.prefrank.plackett_luce_nll_backward(torch.ones(B), scores, None, groups, None, 2,
+                                                                   ties, False)
+        for spoil, expect in (("nan", math.nan), ("inf", math.nan), ("group", math.nan), ("neg_inf", math.inf)):
+            s, g = scores.clone(), groups.clone()
+            for b in bad:
+                if spoil == "nan":
+                    s[b, 3] = math.nan
+                elif spoil == "inf":
+                    s[b, 3] = math.inf
+                elif spoil == "group":
+                    g[b, 3] = -2
+                else:
+                    g[b, :2] = torch.tensor([0, 1])                        # level 0 is scored (top_k = 2)
+                    s[b, 0] = -math.inf
+            nll = torch.ops.prefrank.plackett_luce_nll(s, None, g, None, 2, ties, False)
+            keep = torch.ones(B, dtype=torch.bool)
+            keep[bad] = False
+            torch.testing.assert_close(nll[keep], clean[keep], rtol=0, atol=0)
+            if math.isnan(expect):
+                assert nll[bad].isnan().all()
+                grad = torch.ops.prefrank.plackett_luce_nll_backward(torch.ones(B), s, None, g, None, 2, ties,
+                                                                     False)
+                assert grad[bad].isnan().all()
+                torch.testing.assert_close(grad[keep], clean_grad[keep], rtol=0, atol=0)
+            else:
+                assert nll[bad].eq(math.inf).all()
