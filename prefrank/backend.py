@@ -20,6 +20,8 @@ import threading
 from collections.abc import Iterator
 from typing import Literal
 
+import torch
+
 Impl = Literal["auto", "reference", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "reference", "triton")
 
@@ -43,8 +45,21 @@ def set_backend(name: Impl) -> None:
 
 def get_backend() -> str:
     """The default ``impl="auto"`` resolves to here (innermost ``use_backend`` block, else process-wide)."""
+    if torch.compiler.is_compiling() and not _DYNAMO_TRACES_CONTEXTVARS:
+        return _block_default_at_trace() or _process_default
     block = _block_default.get()
     return block if block is not None else _process_default
+
+
+# torch.compile reads (and guards on) a ContextVar from torch 2.14 on (checked: a use_backend block around a
+# compiled call recompiles); torch 2.11's dynamo cannot trace ContextVar.get at all (fullgraph fails), so there
+# the block seen while tracing is taken as a constant: a compiled function keeps the block it was traced in.
+_DYNAMO_TRACES_CONTEXTVARS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
+
+@torch.compiler.assume_constant_result
+def _block_default_at_trace() -> str:
+    return _block_default.get() or ""
 
 
 @contextlib.contextmanager

@@ -63,3 +63,18 @@ def test_debug_mode_gates_data_checks(monkeypatch):
     with pytest.raises(TypeError, match="enabled must be a bool"):
         with prefrank.debug("yes"):
             pass
+
+
+@pytest.mark.parametrize("traces_contextvars", [False] + [True] * backend._DYNAMO_TRACES_CONTEXTVARS)
+def test_compiled_call_sees_the_block_it_runs_in(monkeypatch, traces_contextvars):
+    """torch >= 2.14 traces the ContextVar and recompiles per block; older dynamo cannot trace it, so the
+    block seen while tracing is a constant (the fallback is exercised here on any torch)."""
+    monkeypatch.setattr(backend, "_DYNAMO_TRACES_CONTEXTVARS", traces_contextvars)
+    torch._dynamo.reset()
+    seen = torch.compile(lambda x: x + 1 if backend.resolve("auto") == "reference" else x - 1, fullgraph=True)
+    x = torch.zeros(2)
+    with backend.use_backend("reference"):
+        assert seen(x).tolist() == [1.0, 1.0]
+    if traces_contextvars:  # a new block recompiles
+        assert seen(x).tolist() == [-1.0, -1.0]
+    torch._dynamo.reset()
