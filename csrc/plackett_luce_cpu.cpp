@@ -88,19 +88,45 @@ constexpr int64_t kLanes = 16;
 constexpr int64_t kLogRun = 4;
 constexpr float kExpFloor = -87.0f;  // e^x below it is taken as 0 (< 2e-38, invisible next to sum ≥ 1)
 
-// e^x for x ≤ 0 (Cephes expf: x = n·ln2 + r, e^r by a degree-6 polynomial, 2^n through the exponent bits).
-inline float exp_nonpositive(float x) {
-  const float xc = x < kExpFloor ? kExpFloor : x;
-  const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  const float r2 = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
+// The Cephes expf/logf constants and polynomials, written once for a float and for a GCC vector of floats (F:
+// both take float operands in + − ×), so the scalar lanes and the vector tiles compute the same values.
+// Always inlined: no vector crosses a call, so GCC's -Wpsabi ABI note (emitted at the end of the file, hence
+// off from here on) does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+constexpr float kLog2E = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kSqrtHalf = 0.707106781186547524f;
+
+// e^r for a reduced argument r in [−ln2/2, ln2/2] (degree-6 polynomial).
+template <typename F>
+inline __attribute__((always_inline)) F exp_reduced(const F& r) {
+  F y = r * 1.9875691500e-4f + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
-  y = y * r2 + r + 1.0f;
+  return y * (r * r) + r + 1.0f;
+}
+
+// log(1 + f) − f + f²/2 for f in [√½ − 1, √2 − 1), z = f² (the caller adds −z/2, f and the exponent's part).
+template <typename F>
+inline __attribute__((always_inline)) F log_reduced_tail(const F& f, const F& z) {
+  F y = f * 7.0376836292e-2f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  return y * f * z;
+}
+
+// e^x for x ≤ 0 (Cephes expf: x = n·ln2 + r, e^r by exp_reduced, 2^n through the exponent bits).
+inline float exp_nonpositive(float x) {
+  const float xc = x < kExpFloor ? kExpFloor : x;
+  const float n = __builtin_floorf(xc * kLog2E + 0.5f);
+  const float r = xc - n * kLn2Hi - n * kLn2Lo;
+  const float y = exp_reduced(r);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
@@ -115,23 +141,14 @@ inline float log_positive(float x) {
   const int32_t mant_bits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
   float m;
   __builtin_memcpy(&m, &mant_bits, sizeof(m));
-  const bool small = m < 0.707106781186547524f;
+  const bool small = m < kSqrtHalf;
   e -= small ? 1.0f : 0.0f;
   const float f = (small ? m + m : m) - 1.0f;
   const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  y += e * -2.12194440e-4f;
+  float y = log_reduced_tail(f, z);
+  y += e * kLn2Lo;
   y -= 0.5f * z;
-  return f + y + e * 0.693359375f;
+  return f + y + e * kLn2Hi;
 }
 
 // NLL of the tile's lanes: x and scored are (K, kLanes); scored is 1 where the place is scored, else 0 (a float,
@@ -295,9 +312,8 @@ constexpr int64_t kTileLevels = 16;  // beyond, the O(levels·K) one-hot passes 
 constexpr float kLowest = -3.40282347e38f;  // at most every finite score: the maximum of an empty level
 constexpr float kFlushBelow = 5.42101086242752217e-20f;  // 2^-64: Efron's running products (group_terms)
 
-// The helpers are always inlined into the target_clones functions, so no vector crosses a call: the ABI note
-// of -Wpsabi does not apply (GCC emits it at the end of the file, so it stays off from here on).
-#pragma GCC diagnostic ignored "-Wpsabi"
+// The helpers are always inlined into the target_clones functions, so no vector crosses a call (the -Wpsabi
+// note, switched off above the shared exp/log polynomials, does not apply).
 typedef float vfloat __attribute__((vector_size(32)));
 typedef int32_t vint __attribute__((vector_size(32)));
 constexpr int64_t kWidth = sizeof(vfloat) / sizeof(float);
@@ -333,18 +349,11 @@ PF_VECTOR_INLINE float hmax_v(const vfloat& v) {
 PF_VECTOR_INLINE vfloat exp_nonpositive_v(const vfloat& x) {
   const vint under = x < kExpFloor;
   const vfloat xc = under ? splat(kExpFloor) : x;
-  const vfloat t = xc * 1.44269504088896341f + 0.5f;
+  const vfloat t = xc * kLog2E + 0.5f;
   vfloat n = __builtin_convertvector(__builtin_convertvector(t, vint), vfloat);  // floor(t): t > -126
   n = n > t ? n - 1.0f : n;
-  const vfloat r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  const vfloat r2 = r * r;
-  vfloat y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r2 + r + 1.0f;
+  const vfloat r = xc - n * kLn2Hi - n * kLn2Lo;
+  const vfloat y = exp_reduced(r);
   const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
   return under ? vfloat{} : y * (vfloat)bits;
 }
@@ -354,23 +363,14 @@ PF_VECTOR_INLINE vfloat log_positive_v(const vfloat& x) {
   vfloat e = __builtin_convertvector((bits >> 23) - 126, vfloat);
   const vint mant_bits = (bits & 0x007fffff) | 0x3f000000;
   const vfloat m = (vfloat)mant_bits;
-  const vint small = m < 0.707106781186547524f;
+  const vint small = m < kSqrtHalf;
   e = small ? e - 1.0f : e;
   const vfloat f = (small ? m + m : m) - 1.0f;
   const vfloat z = f * f;
-  vfloat y = splat(7.0376836292e-2f);
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  y += e * -2.12194440e-4f;
+  vfloat y = log_reduced_tail(f, z);
+  y += e * kLn2Lo;
   y -= 0.5f * z;
-  return f + y + e * 0.693359375f;
+  return f + y + e * kLn2Hi;
 }
 
 struct LevelTile {
