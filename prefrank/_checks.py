@@ -69,9 +69,7 @@ def data_checks_enabled(*tensors: torch.Tensor | None) -> bool:
     only when every given tensor is on the CPU (and not a fake/meta tensor)."""
     if compiling():
         return False
-    if debug_enabled():
-        return True
-    return all(t is None or t.device.type == "cpu" for t in tensors)
+    return all(t is None or t.device.type == "cpu" for t in tensors) or debug_enabled()
 
 
 def float_tensor(name, value):

@@ -250,6 +250,12 @@ def test_opcheck_custom_ops(seed, name, dtype):
                           (grad, scores.detach(), *args, top_k, ties, False))
     torch.library.opcheck(torch.ops.prefrank.plackett_luce_nll_backward.default,  # strided grad (from a sum)
                           (torch.ones((), dtype=grad.dtype).expand(3), scores.detach(), *args, top_k, ties, True))
+    # the kernel ops the public function's autograd.Function calls (no autograd of their own: not differentiable)
+    kernel_checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.prefrank_C.plackett_luce_nll_fwd.default,
+                          (scores.detach(), *args, top_k, ties), test_utils=kernel_checks)
+    torch.library.opcheck(torch.ops.prefrank_C.plackett_luce_nll_bwd.default,
+                          (grad, scores.detach(), *args, top_k, ties), test_utils=kernel_checks)
 
 
 def _pl_with(tensors, options, dim=-1, reduction="mean"):
