@@ -8,18 +8,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "output_alloc.h"
 #include "prefrank_source_hash.h"  // written by setup.py into build/generated
 
-TORCH_LIBRARY(prefrank_C, m) {
-  // the huge-page hint of new_output (output_alloc.h) for the Python layer's large CPU buffers
-  // (prefrank._checks.new_output): one implementation of the rule
-  m.def("advise_huge_pages(Tensor buffer) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(prefrank_C, CPU, m) {
-  m.impl("advise_huge_pages", [](const at::Tensor& buffer) { prefrank::advise_huge_pages(buffer); });
-}
+TORCH_LIBRARY(prefrank_C, m) {}
 
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_C", "prefrank compiled operators", -1, nullptr};

@@ -19,21 +19,16 @@ from collections.abc import Iterator
 
 import torch
 
-from prefrank import _extension
-
 REDUCTIONS = ("none", "mean", "sum")
 
 
 def new_output(shape, *, dtype, device):
     """An uninitialised output buffer; NaN-filled when PREFRANK_POISON_OUTPUTS is set (the test suite sets it),
     so an element the code forgets to write fails the tests instead of passing on leftover memory (the
-    Python twin of csrc/output_alloc.h, whose huge-page hint large CPU buffers get too)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if out.device.type == "cpu" and _extension.available():  # large buffers: fewer first-touch page faults
-        torch.ops.prefrank_C.advise_huge_pages(out)
+    Python twin of csrc/output_alloc.h)."""
     if os.environ.get("PREFRANK_POISON_OUTPUTS"):
-        out.fill_(float("nan"))
-    return out
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def compiling():

@@ -491,7 +491,7 @@ def _linear_fwd_impl(hidden, weight, bias, labels, ignore_index, temperature, ch
         logp.zero_()
         lse.zero_()
     if keep:
-        saved = _checks.new_output((M, V), dtype=hidden.dtype, device=hidden.device)
+        saved = torch.empty((M, V), dtype=hidden.dtype, device=hidden.device)
     elif frozen_head:
         saved = hidden.new_zeros(hidden.shape) if picked is not None else _checks.new_output(
             hidden.shape, dtype=hidden.dtype, device=hidden.device)
@@ -598,7 +598,7 @@ def _linear_bwd_impl(grad_logp, hidden, weight, bias, labels, lse, saved, ignore
         # G of this chunk: over its recomputed logits, over the kept ones (inplace), or from them into scratch
         logits = saved[s:e] if keep else _chunk_logits(h_chunk, weight, bias)
         scratch = keep and not inplace
-        g = _checks.new_output(logits.shape, dtype=logits.dtype, device=logits.device) if scratch else logits
+        g = torch.empty_like(logits) if scratch else logits
         _token_bwd_into(g_tok[s:e].unsqueeze(0), logits.unsqueeze(0), y[s:e].unsqueeze(0),
                         lse_tok[s:e].unsqueeze(0), ignore_index, temperature, g.unsqueeze(0) if scratch else None,
                         use_triton)

@@ -78,34 +78,3 @@ def test_missing_extension_raises_actionable_import_error():
                          env={**os.environ, "PREFRANK_BACKEND": "auto"}).stdout
     assert "ERR" in out and "make build" in out and "pip install --no-build-isolation" in out
     assert "REF torch.Size([2])" in out
-
-
-def _anon_huge_kib(address):
-    """AnonHugePages (KiB) of the mapping of this process that holds ``address``."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1])
-    return 0
-
-
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
-                    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
-                    reason="no transparent huge pages on this machine")
-def test_large_cpu_outputs_get_huge_pages():
-    """Large fresh CPU outputs (C++ new_output, Python _checks.new_output) ask for 2 MiB pages: a fresh
-    gradient's first touch was ~100 ms of 4 KiB page faults at 4096 tokens x 32000 logits."""
-    from prefrank import _checks
-
-    python_side = _checks.new_output((64, 1 << 16), dtype=torch.float32, device="cpu")  # 16 MiB
-    python_side.fill_(1.0)
-    assert _anon_huge_kib(python_side.data_ptr() + python_side.nbytes // 2) > 0
-    logits = torch.randn(64, 1 << 15)
-    grad = torch.ops.prefrank_C.sequence_logprobs_bwd(torch.ones(1, 64), logits[None], torch.zeros(1, 64,
-                                                      dtype=torch.int64), torch.zeros(1, 64), -100, 1.0)
-    assert _anon_huge_kib(grad.data_ptr() + grad.nbytes // 2) > 0
-    torch.testing.assert_close(grad[0, :, 1:], -torch.exp(logits[:, 1:]))  # lse 0 given: -exp(x)
