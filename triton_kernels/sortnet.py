@@ -351,11 +351,13 @@ def _values_backward_kernel(grad_values_ptr, x_ptr, alpha_ptr, dalpha_ptr, sizes
 def launch_config(n):
     """(BLOCK_N, rows per forward program, rows per backward program, num_warps) for lists of n ≤ MAX_N.
 
-    Row tiles of ≤ 4096 (forward) / 2048 (backward, two live tiles) entries up to n = 128, half that above,
-    8 warps from BLOCK_N = 512: no register spills on sm_80/sm_90 (tests/test_sortnet_aot.py).
+    Row tiles of ≤ 4096 (forward) / 2048 (backward, two live tiles) entries up to n = 128, half that above
+    (a quarter for the forward at n = 256: 2048 spilled 8 bytes on sm_90 with Triton 3.6, the GPU machine's,
+    though not with 3.8), 8 warps from BLOCK_N = 512: no register spills on sm_80/sm_90 with either
+    (tests/test_sortnet_aot.py).
     """
     block_n = max(16, triton.next_power_of_2(n))
-    forward_tile, backward_tile = (4096, 2048) if block_n <= 128 else (2048, 1024)
+    forward_tile, backward_tile = (4096, 2048) if block_n <= 128 else (1024 if block_n == 256 else 2048, 1024)
     rows = lambda tile: max(1, min(block_n, tile // block_n))  # noqa: E731
     return block_n, rows(forward_tile), rows(backward_tile), 4 if block_n <= 256 else 8
 
