@@ -24,6 +24,12 @@
 #include <limits>
 #include <vector>
 
+// GCC vectorises the relaxations' selects (cauchy's branch-free arctan) over a layer's comparators only when it
+// may evaluate floating-point operations speculatively: nothing here reads the FP exception flags, and no value
+// changes (this is not -ffast-math).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "sortnet_math.h"
 
 namespace prefrank {
@@ -41,35 +47,45 @@ constexpr int64_t kScratchElements = int64_t(1) << 20;
 #define PF_HOT
 #endif
 
-// The comparators of a network on m wires, layer by layer (pass-through wires omitted).
+// The comparators of a network on m wires, layer by layer (pass-through wires omitted), and the rows of P each
+// comparator can touch. Row i of P starts as e_i, so Q[w][i] is structurally zero until row i has reached wire w
+// through the comparators so far. Per wire the rows that may be nonzero lie in an interval [first, last) (its
+// hull), {w} at the start; a comparator gives both its wires the smallest interval holding their two hulls (a
+// superset would only cost work), a pass-through keeps its own. [row_lo[c], row_hi[c]) is the hull of
+// comparator c's wires after it: its row loops run there only, both wires hold exact zeros outside it before and
+// after (hulls only grow), so the results do not depend on the restriction. Data independent: per network and m.
 struct Schedule {
-  int64_t layers = 0;
-  std::vector<int64_t> start;          // comparators of layer l: [start[l], start[l+1])
-  std::vector<int32_t> lo, hi;
+  int64_t m = 0, layers = 0;
+  std::vector<int64_t> start;  // comparators of layer l: [start[l], start[l+1])
+  std::vector<int32_t> lo, hi, row_lo, row_hi;
   std::vector<uint8_t> flipped;
-  std::vector<int64_t> through_start;  // pass-through wires of layer l: [through_start[l], through_start[l+1])
-  std::vector<int32_t> through;
 
-  Schedule(int64_t network, int64_t m) : layers(num_layers(network, m)) {
+  Schedule(int64_t network, int64_t wires) : m(wires), layers(num_layers(network, wires)) {
     start.reserve(layers + 1);
-    through_start.reserve(layers + 1);
+    std::vector<int32_t> first(m), last(m);
+    for (int64_t w = 0; w < m; ++w) first[w] = static_cast<int32_t>(w), last[w] = static_cast<int32_t>(w + 1);
     for (int64_t l = 0; l < layers; ++l) {
       start.push_back(static_cast<int64_t>(lo.size()));
-      through_start.push_back(static_cast<int64_t>(through.size()));
       for (int64_t w = 0; w < m; ++w) {
         bool flip = false;
         const int64_t p = partner(network, m, l, w, &flip);
-        if (p > w) {
-          lo.push_back(static_cast<int32_t>(w));
-          hi.push_back(static_cast<int32_t>(p));
-          flipped.push_back(flip);
-        } else if (p == w) {
-          through.push_back(static_cast<int32_t>(w));
-        }
+        if (p <= w) continue;
+        first[w] = first[p] = std::min(first[w], first[p]);
+        last[w] = last[p] = std::max(last[w], last[p]);
+        lo.push_back(static_cast<int32_t>(w));
+        hi.push_back(static_cast<int32_t>(p));
+        row_lo.push_back(first[w]);
+        row_hi.push_back(last[w]);
+        flipped.push_back(flip);
       }
     }
     start.push_back(static_cast<int64_t>(lo.size()));
-    through_start.push_back(static_cast<int64_t>(through.size()));
+  }
+
+  // Rows [r0, r1) of comparator c inside the row block [row0, row0 + rr), relative to row0 (empty: r0 >= r1).
+  void block_rows(int64_t c, int64_t row0, int64_t rr, int64_t& r0, int64_t& r1) const {
+    r0 = std::max<int64_t>(row_lo[c], row0) - row0;
+    r1 = std::min<int64_t>(row_hi[c], row0 + rr) - row0;
   }
 };
 
@@ -79,82 +95,127 @@ struct Options {
   acc_t s, lam;
 };
 
-// Values forward of one list: x (m values, sorted in place), α per wire written to alpha (layers × n).
+// α = f(d) of `count` comparators, vectorised: the relaxation is a compile-time constant of each loop, so the
+// inlined formula (cauchy's Cephes arctan included) has no calls and no branches left.
+template <int64_t kRelaxation, typename acc_t>
+inline void alphas_of(const acc_t* d, acc_t* al, int64_t count, acc_t s, acc_t lam) {
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) al[j] = sortnet::alpha(d[j], kRelaxation, s, lam);
+}
+
 template <typename acc_t>
-void values_forward(const Schedule& net, const Options<acc_t>& o, acc_t* x, acc_t* alpha, int64_t n) {
+PF_HOT void layer_alphas(const acc_t* d, acc_t* al, int64_t count, const Options<acc_t>& o) {
+  switch (o.relaxation) {
+    case kLogistic: return alphas_of<kLogistic>(d, al, count, o.s, o.lam);
+    case kLogisticPhi: return alphas_of<kLogisticPhi>(d, al, count, o.s, o.lam);
+    case kGaussian: return alphas_of<kGaussian>(d, al, count, o.s, o.lam);
+    case kReciprocal: return alphas_of<kReciprocal>(d, al, count, o.s, o.lam);
+    case kCauchy: return alphas_of<kCauchy>(d, al, count, o.s, o.lam);
+    default: return alphas_of<kOptimal>(d, al, count, o.s, o.lam);
+  }
+}
+
+// Values forward of one list: x (m values, sorted in place), α per wire written to alpha (layers × n).
+// scratch: a layer's differences and α, padded to whole vectors (zeros) so that layer_alphas has no scalar tail.
+template <typename acc_t>
+void values_forward(const Schedule& net, const Options<acc_t>& o, acc_t* x, acc_t* alpha, int64_t n,
+                    std::vector<acc_t>& scratch) {
+  constexpr int64_t kPad = 8;
+  const int64_t width = (net.m / 2 + kPad - 1) / kPad * kPad;
+  scratch.assign(std::max<int64_t>(1, 2 * width), acc_t(0));
+  acc_t* d = scratch.data();
+  acc_t* al = d + width;
   for (int64_t l = 0; l < net.layers; ++l) {
-    for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
-      const int32_t lo = net.lo[c], hi = net.hi[c];
+    const int64_t c0 = net.start[l], count = net.start[l + 1] - c0;
+    for (int64_t j = 0; j < count; ++j) d[j] = x[net.hi[c0 + j]] - x[net.lo[c0 + j]];
+    std::fill(d + count, d + (count + kPad - 1) / kPad * kPad, acc_t(0));
+    layer_alphas(d, al, (count + kPad - 1) / kPad * kPad, o);
+    for (int64_t j = 0; j < count; ++j) {
+      const int32_t lo = net.lo[c0 + j], hi = net.hi[c0 + j];
       const acc_t a = x[lo], b = x[hi];
-      const acc_t al = sortnet::alpha(b - a, o.relaxation, o.s, o.lam);
       acc_t own, other;
-      mix_weights(al, net.flipped[c], own, other);
+      mix_weights(al[j], net.flipped[c0 + j] != 0, own, other);
       x[lo] = own * a + other * b;
       x[hi] = own * b + other * a;
-      alpha[l * n + lo] = al;
-      alpha[l * n + hi] = al;
+      alpha[l * n + lo] = al[j];
+      alpha[l * n + hi] = al[j];
     }
   }
 }
 
-// One layer of the P-row block Q (wire-major, rows of length R, rr of them used); in == out is allowed.
-template <typename acc_t>
-PF_HOT void rows_layer(const Schedule& net, int64_t l, const acc_t* alpha_l, const acc_t* in, acc_t* out,
-                       int64_t R, int64_t rr) {
-  if (in != out)
-    for (int64_t t = net.through_start[l]; t < net.through_start[l + 1]; ++t)
-      std::copy(in + net.through[t] * R, in + net.through[t] * R + rr, out + net.through[t] * R);
+// One layer of the P-row block Q (wire-major, R entries per wire, rows [row0, row0 + rr) of P), in place,
+// each comparator over its hull only. With kRecord, Q[lo] − Q[hi] entering each comparator is appended at D
+// (what the backward needs of the trajectory); returns the end of what was appended.
+template <bool kRecord, typename acc_t>
+PF_HOT acc_t* rows_layer(const Schedule& net, int64_t l, const acc_t* alpha_l, acc_t* Q, int64_t R, int64_t row0,
+                         int64_t rr, acc_t* D) {
   for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
+    int64_t r0, r1;
+    net.block_rows(c, row0, rr, r0, r1);
+    if (r0 >= r1) continue;
     const int32_t lo = net.lo[c], hi = net.hi[c];
     acc_t own, other;
     mix_weights(alpha_l[lo], net.flipped[c] != 0, own, other);
-    const acc_t* a = in + lo * R;
-    const acc_t* b = in + hi * R;
-    acc_t* ya = out + lo * R;
-    acc_t* yb = out + hi * R;
+    acc_t* a = Q + lo * R;
+    acc_t* b = Q + hi * R;
 #pragma omp simd
-    for (int64_t r = 0; r < rr; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       const acc_t av = a[r], bv = b[r];
-      ya[r] = own * av + other * bv;
-      yb[r] = own * bv + other * av;
+      if constexpr (kRecord) D[r - r0] = av - bv;
+      a[r] = own * av + other * bv;
+      b[r] = own * bv + other * av;
     }
+    if constexpr (kRecord) D += r1 - r0;
   }
+  return D;
 }
 
+// Identity rows [row0, row0 + R) of P, wire-major: the zeros outside the hulls stay exact from here on.
 template <typename acc_t>
 inline void identity_rows(acc_t* Q, int64_t m, int64_t R, int64_t row0) {
   std::fill(Q, Q + m * R, acc_t(0));
   for (int64_t r = 0; r < R && row0 + r < m; ++r) Q[(row0 + r) * R + r] = acc_t(1);
 }
 
-inline int64_t rows_per_block(int64_t layers, int64_t m) {
-  const int64_t fit = kScratchElements / std::max<int64_t>(1, (layers + 1) * m);
-  return std::max<int64_t>(1, std::min<int64_t>({m, int64_t(64), fit}));
+// Rows per block of the backward: the recorded differences of a block (≤ one R-vector per comparator) stay
+// within the scratch budget.
+inline int64_t rows_per_block(const Schedule& net) {
+  const int64_t fit = kScratchElements / std::max<int64_t>(1, net.start.back());
+  return std::max<int64_t>(1, std::min<int64_t>(net.m, fit));
 }
 
-// Pull the adjoint rows G back through layer l (Q = the rows entering it), adding ∂L/∂α to dalpha_l.
+// Pull the adjoint rows G back through layer l, adding ∂L/∂α to dalpha_l: D_end is the end of the layer's
+// recorded differences (rows_layer<true>); returns their start. Only rows inside a comparator's hull are read
+// or written: G[w] is consumed at the rows of w's hull only (the ∂L/∂α sum vanishes where Q[lo] − Q[hi] does,
+// and the hull of w before a layer lies inside the one after it), so the entries outside keep stale values
+// that nothing reads.
 template <typename acc_t>
-PF_HOT void rows_layer_backward(const Schedule& net, int64_t l, const acc_t* alpha_l, const acc_t* Q, acc_t* G,
-                                acc_t* dalpha_l, int64_t R, int64_t rr) {
-  for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
+PF_HOT const acc_t* rows_layer_backward(const Schedule& net, int64_t l, const acc_t* alpha_l, const acc_t* D_end,
+                                        acc_t* G, acc_t* dalpha_l, int64_t R, int64_t row0, int64_t rr) {
+  const acc_t* D = D_end;
+  for (int64_t c = net.start[l + 1] - 1; c >= net.start[l]; --c) {
+    int64_t r0, r1;
+    net.block_rows(c, row0, rr, r0, r1);
+    if (r0 >= r1) continue;
+    D -= r1 - r0;
     const int32_t lo = net.lo[c], hi = net.hi[c];
     const bool flip = net.flipped[c];
     acc_t own, other;
     mix_weights(alpha_l[lo], flip, own, other);
-    const acc_t* a = Q + lo * R;
-    const acc_t* b = Q + hi * R;
     acc_t* ga = G + lo * R;
     acc_t* gb = G + hi * R;
+    const acc_t* dr = D - r0;
     acc_t acc = acc_t(0);
 #pragma omp simd reduction(+ : acc)
-    for (int64_t r = 0; r < rr; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       const acc_t gl = ga[r], gh = gb[r];
-      acc += (gl - gh) * (a[r] - b[r]);
+      acc += (gl - gh) * dr[r];
       ga[r] = own * gl + other * gh;
       gb[r] = other * gl + own * gh;
     }
     dalpha_l[lo] += flip ? -acc : acc;
   }
+  return D;
 }
 
 // Adjoint of the values, given ∂L/∂α from the P part (dalpha, layers × n, indexed at lo): g (m) holds ∂L/∂values
@@ -195,24 +256,27 @@ void values_backward(const Schedule& net, const Options<acc_t>& o, const acc_t* 
 }
 
 // P part of the backward for one list: accumulates ∂L/∂α (dalpha, layers × n at lo) for the adjoint rows that
-// `seed(row0, rr, Q_final, G)` writes into G (wire-major, like Q) given the block's final rows Q_final.
+// `seed(row0, rr, R, Q_final, G)` writes into G (wire-major, like Q; zero elsewhere) given the block's final
+// rows Q_final. Each row block is re-run forward in place, recording what the backward reads (rows_layer).
 template <typename acc_t, typename Seed>
-void rows_backward(const Schedule& net, const acc_t* alpha, int64_t n, int64_t m, acc_t* dalpha,
+void rows_backward(const Schedule& net, const acc_t* alpha, int64_t n, acc_t* dalpha, std::vector<acc_t>& Q,
                    std::vector<acc_t>& traj, std::vector<acc_t>& G, const Seed& seed) {
-  const int64_t L = net.layers;
-  const int64_t R = rows_per_block(L, m);
-  traj.resize((L + 1) * m * R);
+  const int64_t L = net.layers, m = net.m;
+  const int64_t R = rows_per_block(net);
+  Q.resize(m * R);
   G.resize(m * R);
+  traj.resize(std::max<int64_t>(1, net.start.back() * R));
   std::fill(dalpha, dalpha + L * n, acc_t(0));
   for (int64_t row0 = 0; row0 < m; row0 += R) {
     const int64_t rr = std::min(R, m - row0);
-    identity_rows(traj.data(), m, R, row0);
-    for (int64_t l = 0; l < L; ++l)
-      rows_layer(net, l, alpha + l * n, traj.data() + l * m * R, traj.data() + (l + 1) * m * R, R, rr);
+    identity_rows(Q.data(), m, R, row0);
+    acc_t* D = traj.data();
+    for (int64_t l = 0; l < L; ++l) D = rows_layer<true>(net, l, alpha + l * n, Q.data(), R, row0, rr, D);
     std::fill(G.begin(), G.end(), acc_t(0));
-    seed(row0, rr, R, traj.data() + L * m * R, G.data());
+    seed(row0, rr, R, Q.data(), G.data());
+    const acc_t* D_end = D;
     for (int64_t l = L - 1; l >= 0; --l)
-      rows_layer_backward(net, l, alpha + l * n, traj.data() + l * m * R, G.data(), dalpha + l * n, R, rr);
+      D_end = rows_layer_backward(net, l, alpha + l * n, D_end, G.data(), dalpha + l * n, R, row0, rr);
   }
 }
 
@@ -243,15 +307,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sortnet_forward_cpu(const at::Ten
     acc_t* ap = alpha.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       const int64_t R = n;  // all rows at once: one n × n wire-major block
-      std::vector<acc_t> Q(with_perm ? n * R : 0), Q2(with_perm ? n * R : 0);
+      std::vector<acc_t> Q(with_perm ? n * R : 0), scratch;
       for (int64_t b = begin; b < end; ++b) {
         acc_t* v = vp + b * n;
         std::copy(xp + b * n, xp + (b + 1) * n, v);
         acc_t* al = ap + b * L * n;
-        values_forward(net, o, v, al, n);
+        values_forward(net, o, v, al, n, scratch);
         if (!with_perm) continue;
         identity_rows(Q.data(), n, R, 0);
-        for (int64_t l = 0; l < L; ++l) rows_layer(net, l, al + l * n, Q.data(), Q.data(), R, R);
+        for (int64_t l = 0; l < L; ++l) rows_layer<false>(net, l, al + l * n, Q.data(), R, 0, R, Q.data());
         acc_t* P = pp + b * n * n;  // P[i, w] = Q[w][i], transposed in cache-sized tiles
         constexpr int64_t T = 16;
         for (int64_t i0 = 0; i0 < n; i0 += T)
@@ -284,12 +348,12 @@ at::Tensor sortnet_backward_cpu(const at::Tensor& grad_values, const std::option
     const acc_t* gpp = with_perm ? gp.const_data_ptr<acc_t>() : nullptr;
     acc_t* gx = grad.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> xs, traj, G, dalpha(with_perm ? std::max<int64_t>(1, L * n) : 0);
+      std::vector<acc_t> xs, Q, traj, G, dalpha(with_perm ? std::max<int64_t>(1, L * n) : 0);
       for (int64_t b = begin; b < end; ++b) {
         const acc_t* al = ap + b * L * n;
         if (with_perm) {
           const acc_t* Gb = gpp + b * n * n;
-          rows_backward(net, al, n, n, dalpha.data(), traj, G,
+          rows_backward(net, al, n, dalpha.data(), Q, traj, G,
                         [&](int64_t row0, int64_t rr, int64_t R, const acc_t*, acc_t* Gw) {
                           for (int64_t w = 0; w < n; ++w)
                             for (int64_t r = 0; r < rr; ++r) Gw[w * R + r] = Gb[(row0 + r) * n + w];
@@ -366,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor> sortnet_loss_forward_cpu(const at::Tensor& y_
     acc_t* lp = loss.mutable_data_ptr<acc_t>();
     acc_t* ap = alpha.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> x(n), Q;
+      std::vector<acc_t> x(n), Q, scratch;
       for (int64_t b = begin; b < end; ++b) {
         const int64_t m = mp[b];
         const Schedule net(network, m);
@@ -374,14 +438,15 @@ std::tuple<at::Tensor, at::Tensor> sortnet_loss_forward_cpu(const at::Tensor& y_
                                static_cast<acc_t>(art_lambda)};
         std::copy(yp + b * n, yp + b * n + m, x.data());
         acc_t* al = ap + b * L * n;
-        values_forward(net, o, x.data(), al, n);
+        values_forward(net, o, x.data(), al, n, scratch);
         const int64_t R = std::max<int64_t>(1, std::min<int64_t>(m, 64));
         Q.resize(std::max<int64_t>(1, m * R));
         acc_t total = acc_t(0);
         for (int64_t row0 = 0; row0 < m; row0 += R) {
           const int64_t rr = std::min(R, m - row0);
           identity_rows(Q.data(), m, R, row0);
-          for (int64_t l = 0; l < net.layers; ++l) rows_layer(net, l, al + l * n, Q.data(), Q.data(), R, rr);
+          for (int64_t l = 0; l < net.layers; ++l)
+            rows_layer<false>(net, l, al + l * n, Q.data(), R, row0, rr, Q.data());
           total += rows_loss<acc_t>(target, Q.data(), R, rr, m, lop + b * n + row0, hip + b * n + row0,
                                     acc_t(0), nullptr);
         }
@@ -414,7 +479,7 @@ at::Tensor sortnet_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
     const acc_t* glp = gl.const_data_ptr<acc_t>();
     acc_t* gy = grad.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> xs, traj, G, dalpha(std::max<int64_t>(1, L * n));
+      std::vector<acc_t> xs, Q, traj, G, dalpha(std::max<int64_t>(1, L * n));
       for (int64_t b = begin; b < end; ++b) {
         const int64_t m = mp[b];
         if (m == 0) continue;
@@ -422,7 +487,7 @@ at::Tensor sortnet_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
         const Options<acc_t> o{network, relaxation, static_cast<acc_t>(steepness),
                                static_cast<acc_t>(art_lambda)};
         const acc_t* al = ap + b * L * n;
-        rows_backward(net, al, n, m, dalpha.data(), traj, G,
+        rows_backward(net, al, n, dalpha.data(), Q, traj, G,
                       [&](int64_t row0, int64_t rr, int64_t R, const acc_t* Qf, acc_t* Gw) {
                         rows_loss<acc_t>(target, Qf, R, rr, m, lop + b * n + row0, hip + b * n + row0, glp[b],
                                          Gw);
