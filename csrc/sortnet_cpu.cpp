@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -82,11 +83,6 @@ struct Schedule {
     start.push_back(static_cast<int64_t>(lo.size()));
   }
 
-  // Rows [r0, r1) of comparator c inside the row block [row0, row0 + rr), relative to row0 (empty: r0 >= r1).
-  void block_rows(int64_t c, int64_t row0, int64_t rr, int64_t& r0, int64_t& r1) const {
-    r0 = std::max<int64_t>(row_lo[c], row0) - row0;
-    r1 = std::min<int64_t>(row_hi[c], row0 + rr) - row0;
-  }
 };
 
 template <typename acc_t>
@@ -95,41 +91,44 @@ struct Options {
   acc_t s, lam;
 };
 
-// α = f(d) of `count` comparators, vectorised: the relaxation is a compile-time constant of each loop, so the
-// inlined formula (cauchy's Cephes arctan included) has no calls and no branches left.
-template <int64_t kRelaxation, typename acc_t>
-inline void alphas_of(const acc_t* d, acc_t* al, int64_t count, acc_t s, acc_t lam) {
+// α = f(d) (kSlope: f'(d)) of `count` comparators, vectorised: the relaxation is a compile-time constant of each
+// loop, so the inlined formula (cauchy's Cephes arctan included) has no calls and no branches left.
+template <int64_t kRelaxation, bool kSlope, typename acc_t>
+inline void relaxation_of(const acc_t* d, acc_t* out, int64_t count, acc_t s, acc_t lam) {
 #pragma omp simd
-  for (int64_t j = 0; j < count; ++j) al[j] = sortnet::alpha(d[j], kRelaxation, s, lam);
+  for (int64_t j = 0; j < count; ++j)
+    out[j] = kSlope ? alpha_slope(d[j], kRelaxation, s, lam) : sortnet::alpha(d[j], kRelaxation, s, lam);
 }
 
-template <typename acc_t>
-PF_HOT void layer_alphas(const acc_t* d, acc_t* al, int64_t count, const Options<acc_t>& o) {
+template <bool kSlope, typename acc_t>
+PF_HOT void relaxation(const acc_t* d, acc_t* out, int64_t count, const Options<acc_t>& o) {
   switch (o.relaxation) {
-    case kLogistic: return alphas_of<kLogistic>(d, al, count, o.s, o.lam);
-    case kLogisticPhi: return alphas_of<kLogisticPhi>(d, al, count, o.s, o.lam);
-    case kGaussian: return alphas_of<kGaussian>(d, al, count, o.s, o.lam);
-    case kReciprocal: return alphas_of<kReciprocal>(d, al, count, o.s, o.lam);
-    case kCauchy: return alphas_of<kCauchy>(d, al, count, o.s, o.lam);
-    default: return alphas_of<kOptimal>(d, al, count, o.s, o.lam);
+    case kLogistic: return relaxation_of<kLogistic, kSlope>(d, out, count, o.s, o.lam);
+    case kLogisticPhi: return relaxation_of<kLogisticPhi, kSlope>(d, out, count, o.s, o.lam);
+    case kGaussian: return relaxation_of<kGaussian, kSlope>(d, out, count, o.s, o.lam);
+    case kReciprocal: return relaxation_of<kReciprocal, kSlope>(d, out, count, o.s, o.lam);
+    case kCauchy: return relaxation_of<kCauchy, kSlope>(d, out, count, o.s, o.lam);
+    default: return relaxation_of<kOptimal, kSlope>(d, out, count, o.s, o.lam);
   }
 }
 
+// The vector loops above run over whole vectors of comparators (no scalar tail); their scratch is padded.
+constexpr int64_t kPad = 8;
+inline int64_t padded(int64_t count) { return (count + kPad - 1) / kPad * kPad; }
+
 // Values forward of one list: x (m values, sorted in place), α per wire written to alpha (layers × n).
-// scratch: a layer's differences and α, padded to whole vectors (zeros) so that layer_alphas has no scalar tail.
+// scratch: a layer's differences and α.
 template <typename acc_t>
 void values_forward(const Schedule& net, const Options<acc_t>& o, acc_t* x, acc_t* alpha, int64_t n,
                     std::vector<acc_t>& scratch) {
-  constexpr int64_t kPad = 8;
-  const int64_t width = (net.m / 2 + kPad - 1) / kPad * kPad;
+  const int64_t width = padded(net.m / 2);
   scratch.assign(std::max<int64_t>(1, 2 * width), acc_t(0));
   acc_t* d = scratch.data();
   acc_t* al = d + width;
   for (int64_t l = 0; l < net.layers; ++l) {
     const int64_t c0 = net.start[l], count = net.start[l + 1] - c0;
     for (int64_t j = 0; j < count; ++j) d[j] = x[net.hi[c0 + j]] - x[net.lo[c0 + j]];
-    std::fill(d + count, d + (count + kPad - 1) / kPad * kPad, acc_t(0));
-    layer_alphas(d, al, (count + kPad - 1) / kPad * kPad, o);
+    relaxation<false>(d, al, padded(count), o);
     for (int64_t j = 0; j < count; ++j) {
       const int32_t lo = net.lo[c0 + j], hi = net.hi[c0 + j];
       const acc_t a = x[lo], b = x[hi];
@@ -143,27 +142,66 @@ void values_forward(const Schedule& net, const Options<acc_t>& o, acc_t* x, acc_
   }
 }
 
+// The row loops work on whole 32-byte vectors (GCC vector extension; the default clone splits them in two): a
+// block's R entries per wire are a multiple of the lane count, and a comparator's hull, rounded out to whole
+// vectors, stays inside the block. The extra rows are structural zeros of Q (or rows past the list, zero too).
+template <typename acc_t>
+struct Lanes {
+  static constexpr int64_t kCount = 32 / sizeof(acc_t);
+  typedef acc_t Vec __attribute__((vector_size(32)));
+  // (by reference: a vector passed by value changes the ABI between the target clones)
+  static void load(Vec& v, const acc_t* p) { std::memcpy(&v, p, sizeof(Vec)); }
+  static void store(acc_t* p, const Vec& v) { std::memcpy(p, &v, sizeof(Vec)); }
+  static acc_t sum(const Vec& v) {  // pairwise: the order is fixed, whatever the target
+    Vec t = v;
+    for (int64_t h = kCount / 2; h >= 1; h /= 2)
+      for (int64_t i = 0; i < h; ++i) t[i] += t[i + h];
+    return t[0];
+  }
+};
+
+template <typename acc_t>
+inline int64_t whole_vectors(int64_t rows) {
+  constexpr int64_t k = Lanes<acc_t>::kCount;
+  return (rows + k - 1) / k * k;
+}
+
+// Rows [r0, r1) of comparator c in the block of rows [row0, row0 + rr), relative to row0 and rounded out to
+// whole vectors; false when the comparator does not touch the block.
+template <typename acc_t>
+inline bool vector_rows(const Schedule& net, int64_t c, int64_t row0, int64_t rr, int64_t& r0, int64_t& r1) {
+  constexpr int64_t k = Lanes<acc_t>::kCount;
+  r0 = std::max<int64_t>(net.row_lo[c], row0) - row0;
+  r1 = std::min<int64_t>(net.row_hi[c], row0 + rr) - row0;
+  if (r0 >= r1) return false;
+  r0 &= ~(k - 1);  // both >= 0 here
+  r1 = (r1 + k - 1) & ~(k - 1);
+  return true;
+}
+
 // One layer of the P-row block Q (wire-major, R entries per wire, rows [row0, row0 + rr) of P), in place,
 // each comparator over its hull only. With kRecord, Q[lo] − Q[hi] entering each comparator is appended at D
 // (what the backward needs of the trajectory); returns the end of what was appended.
 template <bool kRecord, typename acc_t>
 PF_HOT acc_t* rows_layer(const Schedule& net, int64_t l, const acc_t* alpha_l, acc_t* Q, int64_t R, int64_t row0,
                          int64_t rr, acc_t* D) {
+  using V = Lanes<acc_t>;
   for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
     int64_t r0, r1;
-    net.block_rows(c, row0, rr, r0, r1);
-    if (r0 >= r1) continue;
+    if (!vector_rows<acc_t>(net, c, row0, rr, r0, r1)) continue;
     const int32_t lo = net.lo[c], hi = net.hi[c];
     acc_t own, other;
     mix_weights(alpha_l[lo], net.flipped[c] != 0, own, other);
+    const typename V::Vec vown = typename V::Vec{} + own, vother = typename V::Vec{} + other;
     acc_t* a = Q + lo * R;
     acc_t* b = Q + hi * R;
-#pragma omp simd
-    for (int64_t r = r0; r < r1; ++r) {
-      const acc_t av = a[r], bv = b[r];
-      if constexpr (kRecord) D[r - r0] = av - bv;
-      a[r] = own * av + other * bv;
-      b[r] = own * bv + other * av;
+    for (int64_t r = r0; r < r1; r += V::kCount) {
+      typename V::Vec av, bv;
+      V::load(av, a + r);
+      V::load(bv, b + r);
+      if constexpr (kRecord) V::store(D + (r - r0), av - bv);
+      V::store(a + r, vown * av + vother * bv);
+      V::store(b + r, vown * bv + vother * av);
     }
     if constexpr (kRecord) D += r1 - r0;
   }
@@ -177,78 +215,87 @@ inline void identity_rows(acc_t* Q, int64_t m, int64_t R, int64_t row0) {
   for (int64_t r = 0; r < R && row0 + r < m; ++r) Q[(row0 + r) * R + r] = acc_t(1);
 }
 
-// Rows per block of the backward: the recorded differences of a block (≤ one R-vector per comparator) stay
-// within the scratch budget.
+// Rows per block of the backward (whole vectors): the recorded differences of a block (≤ one R-vector per
+// comparator) stay within the scratch budget.
+template <typename acc_t>
 inline int64_t rows_per_block(const Schedule& net) {
-  const int64_t fit = kScratchElements / std::max<int64_t>(1, net.start.back());
-  return std::max<int64_t>(1, std::min<int64_t>(net.m, fit));
+  const int64_t fit = kScratchElements / std::max<int64_t>(1, net.start.back()) / Lanes<acc_t>::kCount;
+  return whole_vectors<acc_t>(std::max<int64_t>(1, std::min<int64_t>(net.m, fit * Lanes<acc_t>::kCount)));
 }
 
 // Pull the adjoint rows G back through layer l, adding ∂L/∂α to dalpha_l: D_end is the end of the layer's
-// recorded differences (rows_layer<true>); returns their start. Only rows inside a comparator's hull are read
-// or written: G[w] is consumed at the rows of w's hull only (the ∂L/∂α sum vanishes where Q[lo] − Q[hi] does,
-// and the hull of w before a layer lies inside the one after it), so the entries outside keep stale values
-// that nothing reads.
+// recorded differences (rows_layer<true>); returns their start. Only rows inside a comparator's hull (in whole
+// vectors) are read or written: G[w] is consumed at the rows of w's hull only (the ∂L/∂α sum vanishes where
+// Q[lo] − Q[hi] does, and the hull of w before a layer lies inside the one after it), so the entries outside
+// keep stale values that nothing reads but those zero differences.
 template <typename acc_t>
 PF_HOT const acc_t* rows_layer_backward(const Schedule& net, int64_t l, const acc_t* alpha_l, const acc_t* D_end,
                                         acc_t* G, acc_t* dalpha_l, int64_t R, int64_t row0, int64_t rr) {
+  using V = Lanes<acc_t>;
   const acc_t* D = D_end;
   for (int64_t c = net.start[l + 1] - 1; c >= net.start[l]; --c) {
     int64_t r0, r1;
-    net.block_rows(c, row0, rr, r0, r1);
-    if (r0 >= r1) continue;
+    if (!vector_rows<acc_t>(net, c, row0, rr, r0, r1)) continue;
     D -= r1 - r0;
     const int32_t lo = net.lo[c], hi = net.hi[c];
     const bool flip = net.flipped[c];
     acc_t own, other;
     mix_weights(alpha_l[lo], flip, own, other);
+    const typename V::Vec vown = typename V::Vec{} + own, vother = typename V::Vec{} + other;
     acc_t* ga = G + lo * R;
     acc_t* gb = G + hi * R;
-    const acc_t* dr = D - r0;
-    acc_t acc = acc_t(0);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t r = r0; r < r1; ++r) {
-      const acc_t gl = ga[r], gh = gb[r];
-      acc += (gl - gh) * dr[r];
-      ga[r] = own * gl + other * gh;
-      gb[r] = other * gl + own * gh;
+    typename V::Vec acc{};
+    for (int64_t r = r0; r < r1; r += V::kCount) {
+      typename V::Vec gl, gh, d;
+      V::load(gl, ga + r);
+      V::load(gh, gb + r);
+      V::load(d, D + (r - r0));
+      acc += (gl - gh) * d;
+      V::store(ga + r, vown * gl + vother * gh);
+      V::store(gb + r, vother * gl + vown * gh);
     }
-    dalpha_l[lo] += flip ? -acc : acc;
+    const acc_t total = V::sum(acc);
+    dalpha_l[lo] += flip ? -total : total;
   }
   return D;
 }
 
 // Adjoint of the values, given ∂L/∂α from the P part (dalpha, layers × n, indexed at lo): g (m) holds ∂L/∂values
-// on entry and ∂L/∂x on exit. xs is scratch for the value trajectory (layers × m).
+// on entry and ∂L/∂x on exit. The values are re-run from x0 and the saved α, keeping each comparator's
+// difference d = b − a and slope f'(d) (scratch; a − b = −d exactly).
 template <typename acc_t>
 void values_backward(const Schedule& net, const Options<acc_t>& o, const acc_t* x0, const acc_t* alpha,
-                     const acc_t* dalpha, int64_t n, int64_t m, acc_t* g, std::vector<acc_t>& xs) {
-  xs.resize(std::max<int64_t>(1, net.layers * m));
-  if (net.layers > 0) std::copy(x0, x0 + m, xs.data());
-  for (int64_t l = 0; l + 1 < net.layers; ++l) {
-    const acc_t* cur = xs.data() + l * m;
-    acc_t* nxt = xs.data() + (l + 1) * m;
-    std::copy(cur, cur + m, nxt);
-    for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
+                     const acc_t* dalpha, int64_t n, acc_t* g, std::vector<acc_t>& scratch) {
+  const int64_t m = net.m, comparators = net.start.back();
+  scratch.assign(m + 2 * (comparators + kPad), acc_t(0));
+  acc_t* x = scratch.data();
+  acc_t* diff = x + m;
+  acc_t* slope = diff + comparators + kPad;
+  std::copy(x0, x0 + m, x);
+  for (int64_t l = 0; l < net.layers; ++l) {
+    const int64_t c0 = net.start[l], count = net.start[l + 1] - c0;
+    for (int64_t c = c0; c < c0 + count; ++c) diff[c] = x[net.hi[c]] - x[net.lo[c]];
+    relaxation<true>(diff + c0, slope + c0, padded(count), o);  // the padding is overwritten by later layers
+    for (int64_t c = c0; c < c0 + count; ++c) {
       const int32_t lo = net.lo[c], hi = net.hi[c];
       acc_t own, other;
       mix_weights(alpha[l * n + lo], net.flipped[c] != 0, own, other);
-      nxt[lo] = own * cur[lo] + other * cur[hi];
-      nxt[hi] = own * cur[hi] + other * cur[lo];
+      const acc_t a = x[lo], b = x[hi];
+      x[lo] = own * a + other * b;
+      x[hi] = own * b + other * a;
     }
   }
   for (int64_t l = net.layers - 1; l >= 0; --l) {
-    const acc_t* cur = xs.data() + l * m;
     for (int64_t c = net.start[l]; c < net.start[l + 1]; ++c) {
       const int32_t lo = net.lo[c], hi = net.hi[c];
       const bool flip = net.flipped[c];
       acc_t own, other;
       mix_weights(alpha[l * n + lo], flip, own, other);
-      const acc_t a = cur[lo], b = cur[hi], gl = g[lo], gh = g[hi];
-      acc_t d_alpha = (gl - gh) * (a - b);
+      const acc_t gl = g[lo], gh = g[hi];
+      acc_t d_alpha = (gl - gh) * -diff[c];
       if (flip) d_alpha = -d_alpha;
       if (dalpha != nullptr) d_alpha += dalpha[l * n + lo];
-      const acc_t d_d = d_alpha * alpha_slope(b - a, o.relaxation, o.s, o.lam);
+      const acc_t d_d = d_alpha * slope[c];
       g[lo] = own * gl + other * gh - d_d;
       g[hi] = other * gl + own * gh + d_d;
     }
@@ -262,7 +309,7 @@ template <typename acc_t, typename Seed>
 void rows_backward(const Schedule& net, const acc_t* alpha, int64_t n, acc_t* dalpha, std::vector<acc_t>& Q,
                    std::vector<acc_t>& traj, std::vector<acc_t>& G, const Seed& seed) {
   const int64_t L = net.layers, m = net.m;
-  const int64_t R = rows_per_block(net);
+  const int64_t R = rows_per_block<acc_t>(net);
   Q.resize(m * R);
   G.resize(m * R);
   traj.resize(std::max<int64_t>(1, net.start.back() * R));
@@ -278,6 +325,25 @@ void rows_backward(const Schedule& net, const acc_t* alpha, int64_t n, acc_t* da
     for (int64_t l = L - 1; l >= 0; --l)
       D_end = rows_layer_backward(net, l, alpha + l * n, D_end, G.data(), dalpha + l * n, R, row0, rr);
   }
+}
+
+// dst[c · dst_stride + r] = src[r · src_stride + c] for r < rows, c < cols: in 8 × 8 tiles of fixed size (which
+// the compiler unrolls and keeps in registers), the ragged edges element by element.
+template <typename acc_t>
+PF_HOT void transpose(const acc_t* __restrict src, int64_t src_stride, int64_t rows, int64_t cols,
+                      acc_t* __restrict dst, int64_t dst_stride) {
+  constexpr int64_t T = 8;
+  const int64_t full_rows = rows / T * T, full_cols = cols / T * T;
+  for (int64_t r0 = 0; r0 < full_rows; r0 += T)
+    for (int64_t c0 = 0; c0 < full_cols; c0 += T) {
+      acc_t tile[T][T];
+      for (int64_t r = 0; r < T; ++r)
+        for (int64_t c = 0; c < T; ++c) tile[c][r] = src[(r0 + r) * src_stride + c0 + c];
+      for (int64_t c = 0; c < T; ++c)
+        for (int64_t r = 0; r < T; ++r) dst[(c0 + c) * dst_stride + r0 + r] = tile[c][r];
+    }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = r < full_rows ? full_cols : 0; c < cols; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
 }
 
 void check_common(const at::Tensor& x, int64_t network, int64_t relaxation, const char* op) {
@@ -306,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sortnet_forward_cpu(const at::Ten
     acc_t* pp = with_perm ? perm.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* ap = alpha.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      const int64_t R = n;  // all rows at once: one n × n wire-major block
+      const int64_t R = whole_vectors<acc_t>(n);  // all rows at once: one wire-major block
       std::vector<acc_t> Q(with_perm ? n * R : 0), scratch;
       for (int64_t b = begin; b < end; ++b) {
         acc_t* v = vp + b * n;
@@ -315,13 +381,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sortnet_forward_cpu(const at::Ten
         values_forward(net, o, v, al, n, scratch);
         if (!with_perm) continue;
         identity_rows(Q.data(), n, R, 0);
-        for (int64_t l = 0; l < L; ++l) rows_layer<false>(net, l, al + l * n, Q.data(), R, 0, R, Q.data());
-        acc_t* P = pp + b * n * n;  // P[i, w] = Q[w][i], transposed in cache-sized tiles
-        constexpr int64_t T = 16;
-        for (int64_t i0 = 0; i0 < n; i0 += T)
-          for (int64_t w0 = 0; w0 < n; w0 += T)
-            for (int64_t i = i0; i < std::min(n, i0 + T); ++i)
-              for (int64_t w = w0; w < std::min(n, w0 + T); ++w) P[i * n + w] = Q[w * R + i];
+        for (int64_t l = 0; l < L; ++l) rows_layer<false>(net, l, al + l * n, Q.data(), R, 0, n, Q.data());
+        transpose(Q.data(), R, n, n, pp + b * n * n, n);  // P[i, w] = Q[w][i]
       }
     });
   });
@@ -348,18 +409,17 @@ at::Tensor sortnet_backward_cpu(const at::Tensor& grad_values, const std::option
     const acc_t* gpp = with_perm ? gp.const_data_ptr<acc_t>() : nullptr;
     acc_t* gx = grad.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> xs, Q, traj, G, dalpha(with_perm ? std::max<int64_t>(1, L * n) : 0);
+      std::vector<acc_t> scratch, Q, traj, G, dalpha(with_perm ? std::max<int64_t>(1, L * n) : 0);
       for (int64_t b = begin; b < end; ++b) {
         const acc_t* al = ap + b * L * n;
         if (with_perm) {
           const acc_t* Gb = gpp + b * n * n;
           rows_backward(net, al, n, dalpha.data(), Q, traj, G,
                         [&](int64_t row0, int64_t rr, int64_t R, const acc_t*, acc_t* Gw) {
-                          for (int64_t w = 0; w < n; ++w)
-                            for (int64_t r = 0; r < rr; ++r) Gw[w * R + r] = Gb[(row0 + r) * n + w];
+                          transpose(Gb + row0 * n, n, rr, n, Gw, R);  // G[w][r] = ∂L/∂P[row0 + r, w]
                         });
         }
-        values_backward(net, o, xp + b * n, al, with_perm ? dalpha.data() : nullptr, n, n, gx + b * n, xs);
+        values_backward(net, o, xp + b * n, al, with_perm ? dalpha.data() : nullptr, n, gx + b * n, scratch);
       }
     });
   });
@@ -439,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor> sortnet_loss_forward_cpu(const at::Tensor& y_
         std::copy(yp + b * n, yp + b * n + m, x.data());
         acc_t* al = ap + b * L * n;
         values_forward(net, o, x.data(), al, n, scratch);
-        const int64_t R = std::max<int64_t>(1, std::min<int64_t>(m, 64));
+        const int64_t R = whole_vectors<acc_t>(std::max<int64_t>(1, std::min<int64_t>(m, 64)));
         Q.resize(std::max<int64_t>(1, m * R));
         acc_t total = acc_t(0);
         for (int64_t row0 = 0; row0 < m; row0 += R) {
@@ -479,7 +539,7 @@ at::Tensor sortnet_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
     const acc_t* glp = gl.const_data_ptr<acc_t>();
     acc_t* gy = grad.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> xs, Q, traj, G, dalpha(std::max<int64_t>(1, L * n));
+      std::vector<acc_t> scratch, Q, traj, G, dalpha(std::max<int64_t>(1, L * n));
       for (int64_t b = begin; b < end; ++b) {
         const int64_t m = mp[b];
         if (m == 0) continue;
@@ -492,7 +552,7 @@ at::Tensor sortnet_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tens
                         rows_loss<acc_t>(target, Qf, R, rr, m, lop + b * n + row0, hip + b * n + row0, glp[b],
                                          Gw);
                       });
-        values_backward(net, o, yp + b * n, al, dalpha.data(), n, m, gy + b * n, xs);
+        values_backward(net, o, yp + b * n, al, dalpha.data(), n, gy + b * n, scratch);
       }
     });
   });
