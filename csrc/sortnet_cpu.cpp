@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // GCC vectorises the relaxations' selects (cauchy's branch-free arctan) over a layer's comparators only when it
@@ -327,8 +328,34 @@ void rows_backward(const Schedule& net, const acc_t* alpha, int64_t n, acc_t* da
   }
 }
 
-// dst[c · dst_stride + r] = src[r · src_stride + c] for r < rows, c < cols: in 8 × 8 tiles of fixed size (which
-// the compiler unrolls and keeps in registers), the ragged edges element by element.
+// One 8 × 8 tile of floats: dst[c · dst_stride + r] = src[r · src_stride + c], through registers (three rounds of
+// two-vector shuffles; AVX2 has each as one instruction, the default clone gets them in halves).
+PF_HOT void transpose_tile(const float* __restrict src, int64_t src_stride, float* __restrict dst, int64_t dst_stride) {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t M __attribute__((vector_size(32)));
+  V r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], src + i * src_stride, sizeof(V));
+  const M pairs_lo = {0, 8, 1, 9, 4, 12, 5, 13}, pairs_hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const M quads_lo = {0, 1, 8, 9, 4, 5, 12, 13}, quads_hi = {2, 3, 10, 11, 6, 7, 14, 15};
+  const M halves_lo = {0, 1, 2, 3, 8, 9, 10, 11}, halves_hi = {4, 5, 6, 7, 12, 13, 14, 15};
+  for (int i = 0; i < 8; i += 2) {  // t[i] = r[i][0] r[i+1][0] r[i][1] r[i+1][1] | the same for columns 4, 5
+    t[i] = __builtin_shuffle(r[i], r[i + 1], pairs_lo);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], pairs_hi);
+  }
+  for (int i = 0; i < 8; i += 4)  // u[i + k]: rows i..i+3 of columns k and k + 4
+    for (int k = 0; k < 2; ++k) {
+      u[i + 2 * k] = __builtin_shuffle(t[i + k], t[i + k + 2], quads_lo);
+      u[i + 2 * k + 1] = __builtin_shuffle(t[i + k], t[i + k + 2], quads_hi);
+    }
+  for (int k = 0; k < 4; ++k) {
+    const V column = __builtin_shuffle(u[k], u[k + 4], halves_lo), column4 = __builtin_shuffle(u[k], u[k + 4], halves_hi);
+    std::memcpy(dst + k * dst_stride, &column, sizeof(V));
+    std::memcpy(dst + (k + 4) * dst_stride, &column4, sizeof(V));
+  }
+}
+
+// dst[c · dst_stride + r] = src[r · src_stride + c] for r < rows, c < cols: whole 8 × 8 tiles through registers
+// (float) or a small array the compiler unrolls, the ragged edges element by element.
 template <typename acc_t>
 PF_HOT void transpose(const acc_t* __restrict src, int64_t src_stride, int64_t rows, int64_t cols,
                       acc_t* __restrict dst, int64_t dst_stride) {
@@ -336,11 +363,15 @@ PF_HOT void transpose(const acc_t* __restrict src, int64_t src_stride, int64_t r
   const int64_t full_rows = rows / T * T, full_cols = cols / T * T;
   for (int64_t r0 = 0; r0 < full_rows; r0 += T)
     for (int64_t c0 = 0; c0 < full_cols; c0 += T) {
-      acc_t tile[T][T];
-      for (int64_t r = 0; r < T; ++r)
-        for (int64_t c = 0; c < T; ++c) tile[c][r] = src[(r0 + r) * src_stride + c0 + c];
-      for (int64_t c = 0; c < T; ++c)
-        for (int64_t r = 0; r < T; ++r) dst[(c0 + c) * dst_stride + r0 + r] = tile[c][r];
+      if constexpr (std::is_same_v<acc_t, float>) {
+        transpose_tile(src + r0 * src_stride + c0, src_stride, dst + c0 * dst_stride + r0, dst_stride);
+      } else {
+        acc_t tile[T][T];
+        for (int64_t r = 0; r < T; ++r)
+          for (int64_t c = 0; c < T; ++c) tile[c][r] = src[(r0 + r) * src_stride + c0 + c];
+        for (int64_t c = 0; c < T; ++c)
+          for (int64_t r = 0; r < T; ++r) dst[(c0 + c) * dst_stride + r0 + r] = tile[c][r];
+      }
     }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = r < full_rows ? full_cols : 0; c < cols; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
