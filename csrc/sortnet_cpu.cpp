@@ -271,15 +271,18 @@ template <typename acc_t>
 void values_backward(const Schedule& net, const Options<acc_t>& o, const acc_t* x0, const acc_t* alpha,
                      const acc_t* dalpha, int64_t n, acc_t* g, std::vector<acc_t>& scratch) {
   const int64_t m = net.m, comparators = net.start.back();
-  scratch.assign(m + 2 * (comparators + kPad), acc_t(0));
+  scratch.resize(m + 2 * (comparators + kPad));
   acc_t* x = scratch.data();
   acc_t* diff = x + m;
   acc_t* slope = diff + comparators + kPad;
   std::copy(x0, x0 + m, x);
+  std::fill(diff + comparators, diff + comparators + kPad, acc_t(0));  // read by the last layer's vectors
   for (int64_t l = 0; l < net.layers; ++l) {
     const int64_t c0 = net.start[l], count = net.start[l + 1] - c0;
     for (int64_t c = c0; c < c0 + count; ++c) diff[c] = x[net.comparator[c].hi] - x[net.comparator[c].lo];
-    relaxation<true>(diff + c0, slope + c0, padded(count), o);  // the padding is overwritten by later layers
+    // past the layer's end this reads the next layers' (or the zeroed) differences: their slopes get rewritten
+    relaxation<true>(diff + c0, slope + c0, padded(count), o);
+    if (l + 1 == net.layers) break;  // the last layer's output is not needed
     for (int64_t c = c0; c < c0 + count; ++c) {
       const int32_t lo = net.comparator[c].lo, hi = net.comparator[c].hi;
       acc_t own, other;
