@@ -29,10 +29,13 @@ using namespace ::prefrank::options;
 // call, ~5x cheaper on the CPU, and the exact formula the Triton kernels use.
 template <typename acc_t>
 PF_HD acc_t atan_(acc_t x) {
+  // Branch-free (every operation unconditional, then selects; ax / 1 is exact) so that a loop over comparators
+  // vectorises without assuming that floating-point operations cannot trap.
   const acc_t ax = x < acc_t(0) ? -x : x;
   const bool big = ax > acc_t(2.414213562373095);
-  const bool mid = !big && ax > acc_t(0.66);
-  const acc_t t = big ? acc_t(-1) / ax : (mid ? (ax - acc_t(1)) / (ax + acc_t(1)) : ax);
+  const bool mid = ax > acc_t(0.66);  // only where !big
+  const acc_t below = ax - acc_t(1), above = ax + acc_t(1);
+  const acc_t t = (big ? acc_t(-1) : (mid ? below : ax)) / (big ? ax : (mid ? above : acc_t(1)));
   const acc_t z = t * t;
   const acc_t p = (((acc_t(-8.750608600031904122785e-1) * z - acc_t(1.615753718733365076637e1)) * z -
                     acc_t(7.500855792314704667340e1)) * z - acc_t(1.228866684490136173410e2)) * z -
@@ -41,7 +44,8 @@ PF_HD acc_t atan_(acc_t x) {
                     acc_t(4.328810604912902668951e2)) * z + acc_t(4.853903996359136964868e2)) * z +
                   acc_t(1.945506571482613964425e2);
   const acc_t r = t * (z * p / q) + t;
-  const acc_t y = big ? acc_t(1.5707963267948966) + r : (mid ? acc_t(0.7853981633974483) + r : r);
+  const acc_t r_big = acc_t(1.5707963267948966) + r, r_mid = acc_t(0.7853981633974483) + r;
+  const acc_t y = big ? r_big : (mid ? r_mid : r);
   return x < acc_t(0) ? -y : y;
 }
 // fp32: evaluated in double and rounded once, which is what torch's fp32 atan (hence diffsort) returns nearly

@@ -168,6 +168,55 @@ def test_cpu_kernel_matches_reference(network, relaxation, seed):
                                         steepness=4.0)
 
 
+@pytest.mark.parametrize("network", NETWORKS)
+def test_cpu_kernel_every_size_matches_reference(network, seed):
+    """The C++ kernels run each comparator's row loops only over the rows of P that can be nonzero on its wires
+    (a data-independent hull per network and size): a hull too small for any comparator shows here as a wrong P
+    or gradient. Every n in 1..40 (each odd-even band, bitonic padding up to 64 wires), 128 and 129 (the
+    benchmark's size and one past it)."""
+    for n in list(range(1, 41)) + [128, 129]:
+        _assert_soft_sort_matches("auto", torch.randn(2, n, dtype=torch.float64), network=network,
+                                  relaxation="cauchy", steepness=4.0)
+
+
+def test_cpu_kernel_backward_in_row_blocks(seed):
+    """n = 200 odd-even: the backward re-runs P in several row blocks (a comparator's hull cut at block edges; the
+    reference is too slow here). Its gradient must be the derivative of the kernel's own forward (verified
+    against the reference above) along a random direction; the fused rank loss (64-row blocks in its forward)
+    must equal the loss of the kernel's P."""
+    n, eps = 200, 1e-6
+    x = torch.randn(1, n, dtype=torch.float64)
+    g_values, g_perm, direction = torch.randn(1, n, dtype=torch.float64), torch.randn(1, n, n, dtype=torch.float64), \
+        torch.randn(1, n, dtype=torch.float64)
+
+    def objective(t):
+        values, P = ops.soft_sort(t, network="odd_even", steepness=2.0)
+        return (values * g_values).sum() + (P * g_perm).sum()
+
+    leaf = x.clone().requires_grad_()
+    objective(leaf).backward()
+    with torch.no_grad():
+        numeric = (objective(x + eps * direction) - objective(x - eps * direction)) / (2 * eps)
+    torch.testing.assert_close((leaf.grad * direction).sum(), numeric, rtol=1e-6, atol=1e-6)
+
+    groups = torch.randint(0, 4, (1, n))
+    leaf = x.clone().requires_grad_()
+    loss = ops.sortnet_rank_loss(leaf, groups, network="odd_even", steepness=2.0)
+    loss.backward()
+    with torch.no_grad():
+        _, P = ops.soft_sort(-x, network="odd_even", steepness=2.0)
+        levels = groups[0]
+        before = (levels[None, :] < levels[:, None]).sum(-1)
+        upto = (levels[None, :] <= levels[:, None]).sum(-1)
+        r = torch.arange(n)
+        in_block = (r >= before[:, None]) & (r < upto[:, None])
+        expected = -torch.log((P[0] * in_block).sum(-1)).mean()
+        numeric = (ops.sortnet_rank_loss(x + eps * direction, groups, network="odd_even", steepness=2.0)
+                   - ops.sortnet_rank_loss(x - eps * direction, groups, network="odd_even", steepness=2.0)) / (2 * eps)
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close((leaf.grad * direction).sum(), numeric, rtol=1e-6, atol=1e-6)
+
+
 def _assert_fp32_within_reference_noise(x, **kw):
     """fp32 kernel vs the float64 truth: within 1e-5 + twice the fp32 reference's own error, element by
     element (an ill-conditioned comparator gradient, e.g. logistic_phi's, carries fp32 rounding above 1e-5)."""
