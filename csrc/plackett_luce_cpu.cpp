@@ -768,36 +768,35 @@ at::Tensor plackett_luce_nll_fwd_cpu(const at::Tensor& scores, const std::option
                                      ws.buffer(0), ws.buffer(1), ws.buffer(2));
       };
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (vectorised) {
-          fast::Tile tile(batch.K, false);
+        // blocks of kLanes lists: `tile_nll` loads and scans one block; a list it cannot take goes scalar
+        auto by_blocks = [&](auto&& tile_nll) {
           float block_nll[fast::kLanes];
           for (int64_t b0 = begin; b0 < end; b0 += fast::kLanes) {
             const int64_t lanes = std::min(fast::kLanes, end - b0);
             bool fine[fast::kLanes];
-            fast::load_block(batch, s, sb, sk, b0, lanes, top_k, tile, fine);
-            fast::scan_forward(tile.x.data(), tile.scored.data(), batch.K, block_nll);
+            tile_nll(b0, lanes, fine, block_nll);
             for (int64_t l = 0; l < lanes; ++l) {
               if (fine[l]) out[b0 + l] = block_nll[l];
               else scalar_list(b0 + l);
             }
           }
+        };
+        if (vectorised) {
+          fast::Tile tile(batch.K, false);
+          by_blocks([&](int64_t b0, int64_t lanes, bool* fine, float* block_nll) {
+            fast::load_block(batch, s, sb, sk, b0, lanes, top_k, tile, fine);
+            fast::scan_forward(tile.x.data(), tile.scored.data(), batch.K, block_nll);
+          });
           return;
         }
         if (level_tiles) {
           fast::LevelTile tile(batch.K);
-          float block_nll[fast::kLanes];
-          for (int64_t b0 = begin; b0 < end; b0 += fast::kLanes) {
-            const int64_t lanes = std::min(fast::kLanes, end - b0);
-            bool fine[fast::kLanes];
+          by_blocks([&](int64_t b0, int64_t lanes, bool* fine, float* block_nll) {
             const int64_t levels = fast::load_level_block(batch, s, sb, sk, b0, lanes, tile, fine);
             if (levels > 0)
               fast::level_scan_forward(tile.x.data(), tile.level.data(), batch.K, levels, top_k, ties,
                                        tile.share.data(), block_nll);
-            for (int64_t l = 0; l < lanes; ++l) {
-              if (fine[l]) out[b0 + l] = block_nll[l];
-              else scalar_list(b0 + l);
-            }
-          }
+          });
           return;
         }
       }
@@ -833,63 +832,61 @@ at::Tensor plackett_luce_nll_bwd_cpu(const at::Tensor& grad_nll, const at::Tenso
                                      ws.buffer(3));
       };
       if constexpr (std::is_same_v<acc_t, float>) {
-        if (vectorised) {
-          fast::Tile tile(batch.K, true);
+        // blocks of kLanes lists: `tile_grad` loads and scans one block (true: it already wrote the whole
+        // block's rows), `store_row` writes one lane's row; a list the tile cannot take goes scalar
+        auto by_blocks = [&](auto&& tile_grad, auto&& store_row) {
           float block_grad_nll[fast::kLanes];
           for (int64_t b0 = begin; b0 < end; b0 += fast::kLanes) {
             const int64_t lanes = std::min(fast::kLanes, end - b0);
             bool fine[fast::kLanes];
-            fast::load_block(batch, s, sb, sk, b0, lanes, top_k, tile, fine);
             for (int64_t l = 0; l < fast::kLanes; ++l) block_grad_nll[l] = l < lanes ? gn[(b0 + l) * gs] : 0.0f;
-            fast::scan_backward(tile.x.data(), tile.scored.data(), batch.K, block_grad_nll, tile.share.data(),
-                                tile.ratio.data(), tile.grad.data());
+            const bool stored = tile_grad(b0, lanes, fine, block_grad_nll);
             for (int64_t l = 0; l < lanes; ++l) {
               const int64_t b = b0 + l;
-              if (!fine[l]) {
-                scalar_list(b);
-                continue;
-              }
-              scalar_t* row = out + b * batch.K;
-              if (batch.mode == pl::kByRanking)  // items the ranking does not list (padding) get 0
-                for (int64_t i = 0; i < batch.K; ++i) row[i] = scalar_t(0);
-              for (int64_t p = 0; p < batch.K; ++p) {
-                const int64_t i = tile.item[p * fast::kLanes + l];
-                if (i >= 0) row[i] = static_cast<scalar_t>(tile.grad[p * fast::kLanes + l]);
-              }
+              if (!fine[l]) scalar_list(b);  // (over a stored block's row too)
+              else if (!stored) store_row(l, out + b * batch.K);
             }
           }
+        };
+        if (vectorised) {
+          fast::Tile tile(batch.K, true);
+          by_blocks(
+              [&](int64_t b0, int64_t lanes, bool* fine, const float* block_grad_nll) {
+                fast::load_block(batch, s, sb, sk, b0, lanes, top_k, tile, fine);
+                fast::scan_backward(tile.x.data(), tile.scored.data(), batch.K, block_grad_nll, tile.share.data(),
+                                    tile.ratio.data(), tile.grad.data());
+                return false;
+              },
+              [&](int64_t l, scalar_t* row) {
+                if (batch.mode == pl::kByRanking)  // items the ranking does not list (padding) get 0
+                  for (int64_t i = 0; i < batch.K; ++i) row[i] = scalar_t(0);
+                for (int64_t p = 0; p < batch.K; ++p) {
+                  const int64_t i = tile.item[p * fast::kLanes + l];
+                  if (i >= 0) row[i] = static_cast<scalar_t>(tile.grad[p * fast::kLanes + l]);
+                }
+              });
           return;
         }
         if (level_tiles) {
           fast::LevelTile tile(batch.K);
-          float block_grad_nll[fast::kLanes];
-          for (int64_t b0 = begin; b0 < end; b0 += fast::kLanes) {
-            const int64_t lanes = std::min(fast::kLanes, end - b0);
-            bool fine[fast::kLanes];
-            const int64_t levels = fast::load_level_block(batch, s, sb, sk, b0, lanes, tile, fine);
-            for (int64_t l = 0; l < fast::kLanes; ++l) block_grad_nll[l] = l < lanes ? gn[(b0 + l) * gs] : 0.0f;
-            if (levels > 0)
-              fast::level_scan_backward(tile.x.data(), tile.level.data(), batch.K, levels, top_k, ties,
-                                        block_grad_nll, tile.share.data());
-            bool stored = false;  // a full fp32 block is written by transposes (the scalar path then rewrites
-                                  // the rows of its lanes)
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              if (levels > 0 && lanes == fast::kLanes) {
-                fast::store_dense_block(tile.share.data(), batch.K, reinterpret_cast<float*>(out + b0 * batch.K), batch.K);
-                stored = true;
-              }
-            }
-            for (int64_t l = 0; l < lanes; ++l) {
-              const int64_t b = b0 + l;
-              if (!fine[l]) {
-                scalar_list(b);
-                continue;
-              }
-              if (stored) continue;
-              scalar_t* row = out + b * batch.K;
-              for (int64_t i = 0; i < batch.K; ++i) row[i] = static_cast<scalar_t>(tile.share[i * fast::kLanes + l]);
-            }
-          }
+          by_blocks(
+              [&](int64_t b0, int64_t lanes, bool* fine, const float* block_grad_nll) {
+                const int64_t levels = fast::load_level_block(batch, s, sb, sk, b0, lanes, tile, fine);
+                if (levels > 0)
+                  fast::level_scan_backward(tile.x.data(), tile.level.data(), batch.K, levels, top_k, ties,
+                                            block_grad_nll, tile.share.data());
+                if constexpr (std::is_same_v<scalar_t, float>) {  // a full fp32 block: written by transposes
+                  if (levels > 0 && lanes == fast::kLanes) {
+                    fast::store_dense_block(tile.share.data(), batch.K, reinterpret_cast<float*>(out + b0 * batch.K),
+                                            batch.K);
+                    return true;
+                  }
+                }
+                return false;
+              },
+              [&](int64_t l, scalar_t* row) {
+                for (int64_t i = 0; i < batch.K; ++i) row[i] = static_cast<scalar_t>(tile.share[i * fast::kLanes + l]);
+              });
           return;
         }
       }
