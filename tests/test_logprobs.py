@@ -327,21 +327,24 @@ def test_linear_matches_reference(seed, impl, dtype, with_bias, chunk_size):
 
 @pytest.mark.parametrize("impl,dtype", [("cpu", torch.float32), ("cpu", torch.float64), ("cpu", torch.bfloat16),
                                          ("triton", torch.float32)])
-def test_linear_frozen_head_needs_no_recompute(seed, impl, dtype, monkeypatch):
+@pytest.mark.parametrize("chunk_size,chunks", [(4, 4), (None, 1)])
+def test_linear_frozen_head_needs_no_recompute(seed, impl, dtype, chunk_size, chunks, monkeypatch):
     """Only hidden requires grad (LoRA): the gradient matches the reference and the backward runs no lm-head
-    matmul (the forward formed (onehot − softmax)/τ · W per chunk)."""
+    matmul (the forward formed (onehot − softmax)/τ · W per chunk; by default on CPU one chunk of all the
+    labelled tokens, as their logits fit KEEP_LOGITS_BUDGET_BYTES)."""
     hidden, weight, bias, labels = _linear_case(dtype)
     h, hr = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     calls = []
     chunk_logits = logprobs._chunk_logits
     monkeypatch.setattr(logprobs, "_chunk_logits", lambda *a, **k: calls.append(1) or chunk_logits(*a, **k))
-    out = _run(impl, ops.linear_sequence_logprobs, h, weight, labels, bias=bias, temperature=0.7, chunk_size=4)
+    out = _run(impl, ops.linear_sequence_logprobs, h, weight, labels, bias=bias, temperature=0.7,
+               chunk_size=chunk_size)
     forward_calls = len(calls)
     ref = reference.linear_sequence_logprobs(hr, weight, labels, bias=bias, temperature=0.7)
     upstream = torch.randn_like(ref)
     (grad,) = torch.autograd.grad(out, h, upstream)
     (grad_ref,) = torch.autograd.grad(ref, hr, upstream)
-    assert len(calls) == forward_calls == 4  # 15 labelled tokens in chunks of 4; none in the backward
+    assert len(calls) == forward_calls == chunks  # 15 labelled tokens in chunks of 4, or one; none backward
     assert grad.dtype == dtype and not torch.isnan(grad).any()
     if dtype == torch.bfloat16:
         torch.testing.assert_close(grad.float(), grad_ref.float(), rtol=0.05, atol=0.05 * grad_ref.abs().max().item())
