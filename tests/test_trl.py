@@ -393,6 +393,58 @@ def test_bad_eval_rows_and_options(llama_path, tokenizer, tmp_path):
 # Optional dependency
 # ------------------------------------------------------------------------------------------------------------
 
+def test_group_rewards_are_gathered_across_processes():
+    """rewards/group_g is the mean over every process's completions of level g, also when the processes saw
+    different numbers of levels (two processes emulated: the other one's per-level sums are gathered)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    def batch(levels):
+        levels = torch.tensor(levels)
+        return torch.randn(levels.shape), torch.randn(levels.shape), levels
+
+    class OneProcess:  # what a single process would gather; records its per-level tensor
+        def pad_across_processes(self, tensor, dim):
+            self.per_level = tensor
+            return tensor
+
+        def gather(self, tensor):
+            return tensor
+
+        def gather_for_metrics(self, tensor):  # the scalar metrics: this process's only
+            return tensor
+
+    class TwoProcesses(OneProcess):  # this process plus `other`, padded to the longer of the two
+        def __init__(self, other):
+            self.other = other
+
+        def pad_across_processes(self, tensor, dim):
+            self.width = max(tensor.shape[dim], self.other.shape[dim])
+            return torch.nn.functional.pad(tensor, (0, self.width - tensor.shape[dim]))
+
+        def gather(self, tensor):
+            other = torch.nn.functional.pad(self.other, (0, self.width - self.other.shape[1]))
+            return torch.cat([tensor, other[None]])
+
+    def log(accelerator, policy, ref, levels):
+        trainer = SimpleNamespace(args=SimpleNamespace(beta=0.1), accelerator=accelerator, _total_train_tokens=0,
+                                  _metrics={"eval": defaultdict(list)})
+        ListwiseTrainer._log_metrics(trainer, "eval", {}, policy, ref, levels, {})
+        return trainer._metrics["eval"]
+
+    first = batch([[0, 1, 1, -1], [0, 0, 1, 1]])  # levels 0..1
+    second = batch([[0, 1, 2, 3], [2, 2, -1, -1]])  # levels 0..3
+    for this, other in ((first, second), (second, first)):
+        recorder = OneProcess()
+        log(recorder, *other)
+        logged = log(TwoProcesses(recorder.per_level), *this)
+        rewards = torch.cat([0.1 * (this[0] - this[1]).flatten(), 0.1 * (other[0] - other[1]).flatten()])
+        levels = torch.cat([this[2].flatten(), other[2].flatten()])
+        for level in range(4):
+            assert logged[f"rewards/group_{level}"] == pytest.approx([rewards[levels == level].mean().item()])
+        assert "rewards/group_4" not in logged
+
+
 def test_import_without_trl():
     code = (
         "import sys\n"

@@ -664,9 +664,16 @@ class ListwiseTrainer(DPOTrainer):
         gathered = self.accelerator.gather_for_metrics(torch.stack([v.float() for v in metrics.values()])[None])
         for key, value in zip(metrics, gathered.mean(0).tolist()):
             self._metrics[mode][key].append(value)
-        # the number of levels varies between batches (and processes): these are this process's values
-        for level in range(int(levels.max()) + 1):
-            self._metrics[mode][f"rewards/group_{level}"].append(rewards[levels == level].mean().item())
+        # mean reward per level over every process: per-level sums and counts, padded to the largest level
+        # any process saw (the number of levels varies between batches and processes); a level no process
+        # saw is not logged
+        onehot = levels[..., None] == torch.arange(int(levels.max()) + 1, device=levels.device)
+        per_level = torch.stack([torch.where(onehot, rewards[..., None], 0).sum((0, 1)),
+                                 onehot.sum((0, 1)).to(rewards.dtype)])
+        per_level = self.accelerator.gather(self.accelerator.pad_across_processes(per_level, dim=1)[None])
+        for level, (total, count) in enumerate(zip(*per_level.sum(0).tolist())):
+            if count > 0:
+                self._metrics[mode][f"rewards/group_{level}"].append(total / count)
         if mode == "train":
             attended = inputs["packed"].owner >= 0 if "packed" in inputs else inputs["attention_mask"]
             tokens = self.accelerator.gather_for_metrics(attended.sum().to(levels.device)).sum().item()
