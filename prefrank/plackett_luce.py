@@ -397,7 +397,10 @@ def plackett_luce_nll(scores: torch.Tensor, *, ranking: torch.Tensor | None = No
         lists = math.prod(batch_shape)
         scores_l, ranking_l, groups_l, mask_l = (
             None if t is None else t.reshape(lists, K) for t in (scores_l, ranking_l, groups_l, mask_l))
-    if not (_checks.compiling() or is_fake(scores_l)):  # tracing runs the fake kernels: no kernels needed
+    # fake tensors outside torch.compile (FakeTensorMode) need no kernels; under torch.compile the check runs
+    # at trace time, so a CUDA call on a CPU-only build raises our ImportError, not a dispatcher error
+    # (is_fake itself cannot be traced)
+    if _checks.compiling() or not is_fake(scores_l):
         _require_kernels(scores_l.device)
     nll = _apply_nll(scores_l, ranking_l, groups_l, mask_l, -1 if top_k is None else top_k, ties_code)
     if len(batch_shape) != 1:

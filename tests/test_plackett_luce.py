@@ -345,6 +345,31 @@ def test_torch_func_vmap_checks_values():
         torch.func.vmap(lambda t: ops.plackett_luce_nll(t))(scores)
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_missing_cuda_kernels_error_survives_compile(monkeypatch, fullgraph):
+    """The public function checks for kernels while torch.compile traces: a CUDA call on a build without
+    CUDA kernels gets the actionable message (dynamo re-raises it, or wraps it with fullgraph)."""
+    from prefrank import _extension, plackett_luce
+
+    checked = []
+    with monkeypatch.context() as patch:
+        patch.setattr(plackett_luce, "_require_kernels", checked.append)
+        torch._dynamo.reset()
+        torch.compile(lambda x: ops.plackett_luce_nll(x).sum(), fullgraph=True, backend="eager")(torch.randn(2, 3))
+    assert checked == [torch.device("cpu")]  # traced, not skipped while compiling
+
+    monkeypatch.setattr(_extension, "has_cuda_kernels", lambda: False)
+
+    def fn(x):
+        plackett_luce._require_kernels(torch.device("cuda"))
+        return x + 1
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="built without CUDA kernels") as error:
+        torch.compile(fn, fullgraph=fullgraph, backend="eager")(torch.randn(3))
+    assert fullgraph or isinstance(error.value, ImportError)
+
+
 def test_reference_backend_dispatch(seed):
     scores, kw = random_case(4, 5, "ranking", ragged=True)
     with ops.use_backend("reference"):
