@@ -268,11 +268,16 @@ def _nll_backward(ctx, grad_nll):
 
 
 def _apply_nll(scores, ranking, groups, mask, top_k, ties):
-    """The autograd.Function behind :func:`plackett_luce_nll`: the plain one (~10 µs per call), or under
-    torch.func transforms the one they need (``setup_context`` and a ``vmap`` rule cost ~80 µs per
-    forward+backward in torch's Function.apply, a third of a whole call at B=256, K=16 on CPU)."""
-    fn = _PlackettLuceNllTransformable if torch._C._are_functorch_transforms_active() else _PlackettLuceNll
-    return fn.apply(scores, ranking, groups, mask, top_k, ties)
+    """The forward kernel, through the autograd.Function behind :func:`plackett_luce_nll` when a gradient is
+    needed: the plain one (~10 µs per call), or under torch.func transforms the one they need
+    (``setup_context`` and a ``vmap`` rule cost ~80 µs per forward+backward in torch's Function.apply, a
+    third of a whole call at B=256, K=16 on CPU). No gradient (evaluation, no_grad): the kernel alone, as a
+    Function's apply is 1/6 of a forward at B=8, K=2."""
+    if torch._C._are_functorch_transforms_active():
+        return _PlackettLuceNllTransformable.apply(scores, ranking, groups, mask, top_k, ties)
+    if torch.is_grad_enabled() and scores.requires_grad:
+        return _PlackettLuceNll.apply(scores, ranking, groups, mask, top_k, ties)
+    return _nll_forward(scores, ranking, groups, mask, top_k, ties)
 
 
 class _PlackettLuceNll(torch.autograd.Function):
@@ -399,8 +404,8 @@ def plackett_luce_nll(scores: torch.Tensor, *, ranking: torch.Tensor | None = No
             None if t is None else t.reshape(lists, K) for t in (scores_l, ranking_l, groups_l, mask_l))
     # fake tensors outside torch.compile (FakeTensorMode) need no kernels; under torch.compile the check runs
     # at trace time, so a CUDA call on a CPU-only build raises our ImportError, not a dispatcher error
-    # (is_fake itself cannot be traced)
-    if _checks.compiling() or not is_fake(scores_l):
+    # (is_fake itself cannot be traced; a plain torch.Tensor is never fake and skips its 2 µs)
+    if _checks.compiling() or type(scores_l) is torch.Tensor or not is_fake(scores_l):
         _require_kernels(scores_l.device)
     nll = _apply_nll(scores_l, ranking_l, groups_l, mask_l, -1 if top_k is None else top_k, ties_code)
     if len(batch_shape) != 1:
