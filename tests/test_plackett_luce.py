@@ -353,7 +353,7 @@ def test_missing_cuda_kernels_error_survives_compile(monkeypatch, fullgraph):
 
     checked = []
     with monkeypatch.context() as patch:
-        patch.setattr(plackett_luce, "_require_kernels", checked.append)
+        patch.setattr(plackett_luce, "_require_kernels", lambda device: checked.append(device))
         torch._dynamo.reset()
         torch.compile(lambda x: ops.plackett_luce_nll(x).sum(), fullgraph=True, backend="eager")(torch.randn(2, 3))
     assert checked == [torch.device("cpu")]  # traced, not skipped while compiling
