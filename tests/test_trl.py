@@ -393,56 +393,77 @@ def test_bad_eval_rows_and_options(llama_path, tokenizer, tmp_path):
 # Optional dependency
 # ------------------------------------------------------------------------------------------------------------
 
-def test_group_rewards_are_gathered_across_processes():
-    """rewards/group_g is the mean over every process's completions of level g, also when the processes saw
-    different numbers of levels (two processes emulated: the other one's per-level sums are gathered)."""
+@pytest.mark.parametrize("remainder", [None, 3])
+def test_metrics_are_gathered_across_processes(remainder):
+    """Every logged reward / logp metric is over every process's rows, also when the processes saw different
+    numbers of levels, and a last eval batch's duplicated rows (accelerate's remainder) are dropped: two
+    processes emulated, the other one's gathered tensors recorded from its own call."""
     from collections import defaultdict
     from types import SimpleNamespace
+
+    class Recorder:  # one process alone: records what it hands to gather
+        def __init__(self):
+            self.calls = []
+
+        def pad_across_processes(self, tensor, dim):
+            return tensor
+
+        def gather(self, tensor):
+            self.calls.append(tensor)
+            return tensor
+
+        gather_for_metrics = gather
+
+    class TwoProcesses(Recorder):  # this process's tensor, then the other's (padded alike), as accelerate
+        def __init__(self, other_calls, remainder):
+            self.other, self.remainder = iter(other_calls), remainder
+
+        def gather(self, tensor, truncate=False):
+            other = next(self.other)
+            shape = [max(a, b) for a, b in zip(tensor.shape, other.shape)]
+            pad = lambda t: torch.nn.functional.pad(  # noqa: E731
+                t, [p for d in reversed(range(t.dim())) for p in (0, shape[d] - t.shape[d])])
+            out = torch.cat([pad(tensor), pad(other)])
+            return out[:self.remainder] if truncate and self.remainder else out
+
+        def gather_for_metrics(self, tensor):
+            return self.gather(tensor, truncate=True)
+
+    def log(accelerator, policy, ref, levels):
+        trainer = SimpleNamespace(args=SimpleNamespace(beta=0.1), accelerator=accelerator, _total_train_tokens=0,
+                                  _metrics={"eval": defaultdict(list)})
+        ListwiseTrainer._log_metrics(trainer, "eval", {"loss/anchor": torch.tensor(float(len(levels)))}, policy,
+                                     ref, levels, {})
+        return trainer._metrics["eval"]
 
     def batch(levels):
         levels = torch.tensor(levels)
         return torch.randn(levels.shape), torch.randn(levels.shape), levels
 
-    class OneProcess:  # what a single process would gather; records its per-level tensor
-        def pad_across_processes(self, tensor, dim):
-            self.per_level = tensor
-            return tensor
-
-        def gather(self, tensor):
-            return tensor
-
-        def gather_for_metrics(self, tensor):  # the scalar metrics: this process's only
-            return tensor
-
-    class TwoProcesses(OneProcess):  # this process plus `other`, padded to the longer of the two
-        def __init__(self, other):
-            self.other = other
-
-        def pad_across_processes(self, tensor, dim):
-            self.width = max(tensor.shape[dim], self.other.shape[dim])
-            return torch.nn.functional.pad(tensor, (0, self.width - tensor.shape[dim]))
-
-        def gather(self, tensor):
-            other = torch.nn.functional.pad(self.other, (0, self.width - self.other.shape[1]))
-            return torch.cat([tensor, other[None]])
-
-    def log(accelerator, policy, ref, levels):
-        trainer = SimpleNamespace(args=SimpleNamespace(beta=0.1), accelerator=accelerator, _total_train_tokens=0,
-                                  _metrics={"eval": defaultdict(list)})
-        ListwiseTrainer._log_metrics(trainer, "eval", {}, policy, ref, levels, {})
-        return trainer._metrics["eval"]
-
-    first = batch([[0, 1, 1, -1], [0, 0, 1, 1]])  # levels 0..1
-    second = batch([[0, 1, 2, 3], [2, 2, -1, -1]])  # levels 0..3
-    for this, other in ((first, second), (second, first)):
-        recorder = OneProcess()
-        log(recorder, *other)
-        logged = log(TwoProcesses(recorder.per_level), *this)
-        rewards = torch.cat([0.1 * (this[0] - this[1]).flatten(), 0.1 * (other[0] - other[1]).flatten()])
-        levels = torch.cat([this[2].flatten(), other[2].flatten()])
-        for level in range(4):
-            assert logged[f"rewards/group_{level}"] == pytest.approx([rewards[levels == level].mean().item()])
-        assert "rewards/group_4" not in logged
+    this = batch([[0, 1, 1, -1], [0, 0, 1, 1]])  # levels 0..1
+    other = batch([[0, 1, 2, 3], [2, 0, -1, 1]])  # levels 0..3; on the last batch only its first row is real
+    recorder = Recorder()
+    log(recorder, *other)
+    logged = log(TwoProcesses(recorder.calls, remainder), *this)
+    kept = slice(None, remainder)  # the rows gather_for_metrics keeps: this process's, then the other's
+    policy, ref, levels = (torch.cat([a, b])[kept] for a, b in zip(this, other))
+    rewards = 0.1 * (policy - ref)
+    best, rest = levels == 0, levels > 0
+    expected = {"rewards/chosen": rewards[best].mean(), "rewards/rejected": rewards[rest].mean(),
+                "logps/chosen": policy[best].mean(), "logps/rejected": policy[rest].mean(),
+                "rewards/margins": ((rewards * best).sum(-1) / best.sum(-1)
+                                    - (rewards * rest).sum(-1) / rest.sum(-1)).mean()}
+    pairs = [(r, i, j) for r in range(len(levels)) for i in range(4) for j in range(4)
+             if 0 <= levels[r, i] < levels[r, j]]
+    expected["rewards/accuracies"] = torch.tensor(sum(bool(rewards[r, i] > rewards[r, j]) for r, i, j in pairs)
+                                                  / len(pairs))
+    for level in range(4):
+        if (levels == level).any():
+            expected[f"rewards/group_{level}"] = rewards[levels == level].mean()
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx([value.item()], rel=1e-5), key
+    assert {k for k in logged if k.startswith("rewards/group_")} == {k for k in expected if "group_" in k}
+    assert logged["loss/anchor"] == pytest.approx([2.0])  # the mean of both processes' batch means
 
 
 def test_import_without_trl():

@@ -655,22 +655,34 @@ class ListwiseTrainer(DPOTrainer):
         row_margin = ((rewards * best).sum(-1) / best.sum(-1) - (rewards * rest).sum(-1) / rest.sum(-1))
         better = valid[:, :, None] & valid[:, None, :] & (levels[:, :, None] < levels[:, None, :])
         correct = better & (rewards[:, :, None] > rewards[:, None, :])
+        zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+        # per-row sums and counts, gathered row by row: gather_for_metrics drops the rows accelerate duplicates
+        # to fill the last eval batch, and every process's rows weigh the same
+        stats = [torch.where(best, rewards, zero).sum(-1), best.sum(-1), torch.where(rest, rewards, zero).sum(-1),
+                 rest.sum(-1), row_margin, correct.sum((1, 2)), better.sum((1, 2)),
+                 torch.where(best, policy, zero).sum(-1), torch.where(rest, policy, zero).sum(-1)]
+        rows = self.accelerator.gather_for_metrics(torch.stack([t.float() for t in stats], -1))
+        chosen, n_best, rejected, n_rest, margins, n_correct, n_better, logps_chosen, logps_rest = rows.unbind(-1)
         metrics = {
-            "rewards/chosen": rewards[best].mean(), "rewards/rejected": rewards[rest].mean(),
-            "rewards/margins": row_margin.mean(), "rewards/accuracies": correct.sum() / better.sum(),
-            "logps/chosen": policy[best].mean(), "logps/rejected": policy[rest].mean(),
-            **{key: value for key, value in loss_metrics.items() if key.startswith("loss/")},
+            "rewards/chosen": chosen.sum() / n_best.sum(), "rewards/rejected": rejected.sum() / n_rest.sum(),
+            "rewards/margins": margins.mean(), "rewards/accuracies": n_correct.sum() / n_better.sum(),
+            "logps/chosen": logps_chosen.sum() / n_best.sum(), "logps/rejected": logps_rest.sum() / n_rest.sum(),
         }
-        gathered = self.accelerator.gather_for_metrics(torch.stack([v.float() for v in metrics.values()])[None])
-        for key, value in zip(metrics, gathered.mean(0).tolist()):
+        for key, value in zip(metrics, torch.stack(list(metrics.values())).tolist()):
             self._metrics[mode][key].append(value)
-        # mean reward per level over every process: per-level sums and counts, padded to the largest level
-        # any process saw (the number of levels varies between batches and processes); a level no process
-        # saw is not logged
+        # the loss terms are batch means: the mean over processes (duplicated rows of a last batch included)
+        terms = {key: value for key, value in loss_metrics.items() if key.startswith("loss/")}
+        if terms:
+            gathered = self.accelerator.gather(torch.stack([v.float() for v in terms.values()])[None]).mean(0)
+            for key, value in zip(terms, gathered.tolist()):
+                self._metrics[mode][key].append(value)
+        # mean reward per level over every process's rows: per-row sums and counts per level, padded to the
+        # largest level any process saw (the number of levels varies between batches and processes); a level
+        # no row has is not logged
         onehot = levels[..., None] == torch.arange(int(levels.max()) + 1, device=levels.device)
-        per_level = torch.stack([torch.where(onehot, rewards[..., None], 0).sum((0, 1)),
-                                 onehot.sum((0, 1)).to(rewards.dtype)])
-        per_level = self.accelerator.gather(self.accelerator.pad_across_processes(per_level, dim=1)[None])
+        per_level = torch.stack([torch.where(onehot, rewards[..., None], zero).sum(1).float(),
+                                 onehot.sum(1).float()], 1)
+        per_level = self.accelerator.gather_for_metrics(self.accelerator.pad_across_processes(per_level, dim=2))
         for level, (total, count) in enumerate(zip(*per_level.sum(0).tolist())):
             if count > 0:
                 self._metrics[mode][f"rewards/group_{level}"].append(total / count)
