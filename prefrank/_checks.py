@@ -66,7 +66,8 @@ def debug_enabled() -> bool:
 
 def data_checks_enabled(*tensors: torch.Tensor | None) -> bool:
     """Whether value-reading checks run for these inputs: not while compiling; in debug mode always; else
-    only when every given tensor is on the CPU (and not a fake/meta tensor)."""
+    only when every given tensor is on the CPU device (meta tensors are not; a FakeTensorMode trace of CPU
+    tensors outside torch.compile would read values, so the fake-tensor tests use CUDA fakes)."""
     if compiling():
         return False
     return all(t is None or t.device.type == "cpu" for t in tensors) or debug_enabled()

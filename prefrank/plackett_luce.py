@@ -257,6 +257,11 @@ def _nll_forward(scores, ranking, groups, mask, top_k, ties):
     return nll
 
 
+def _save_nll_context(ctx, scores, ranking, groups, mask, top_k, ties):
+    ctx.save_for_backward(scores, ranking, groups, mask)
+    ctx.options = (top_k, ties)
+
+
 def _nll_backward(ctx, grad_nll):
     scores, ranking, groups, mask = ctx.saved_tensors
     top_k, ties = ctx.options
@@ -290,7 +295,7 @@ class _PlackettLuceNll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, ranking, groups, mask, top_k, ties):
-        _PlackettLuceNllTransformable.setup_context(ctx, (scores, ranking, groups, mask, top_k, ties), None)
+        _save_nll_context(ctx, scores, ranking, groups, mask, top_k, ties)
         return _nll_forward(scores, ranking, groups, mask, top_k, ties)
 
     backward = staticmethod(_nll_backward)
@@ -306,9 +311,7 @@ class _PlackettLuceNllTransformable(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        scores, ranking, groups, mask, top_k, ties = inputs
-        ctx.save_for_backward(scores, ranking, groups, mask)
-        ctx.options = (top_k, ties)
+        _save_nll_context(ctx, *inputs)
 
     @staticmethod
     def vmap(info, in_dims, scores, ranking, groups, mask, top_k, ties):

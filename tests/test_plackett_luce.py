@@ -326,11 +326,14 @@ def test_torch_func_grad_vmap_and_per_sample_gradients(seed, name):
     expected = torch.stack([reference.plackett_luce_nll(t, **tensors, **options) for t in stack])
     mapped = torch.func.vmap(lambda t: ops.plackett_luce_nll(t, **tensors, **options))(stack)
     torch.testing.assert_close(mapped, expected)
-    # order tensors mapped too (dim 1 of the stack), scores mapped along dim 2
-    orders = {k: torch.stack([v] * 4, 1) for k, v in tensors.items()}
+    # order tensors mapped too, a different one per slice (its lists rolled: a fold that mixed the slices up
+    # would pair scores with another slice's order), along dim 1; scores mapped along dim 2
+    rolled = [{k: v.roll(i, 0) for k, v in tensors.items()} for i in range(len(stack))]
+    orders = {k: torch.stack([order[k] for order in rolled], 1) for k in tensors}
     mapped = torch.func.vmap(lambda t, o: ops.plackett_luce_nll(t, **o, **options), in_dims=(2, 1))(
         stack.permute(1, 2, 0), orders)
-    torch.testing.assert_close(mapped, expected)
+    torch.testing.assert_close(mapped, torch.stack([reference.plackett_luce_nll(t, **order, **options)
+                                                    for t, order in zip(stack, rolled)]))
     per_sample = torch.func.vmap(torch.func.grad(lambda t: ours(t, **tensors)))(stack)
     torch.testing.assert_close(per_sample, torch.stack([ref_grad(t, **tensors) for t in stack]))
     hessian = torch.func.jacrev(torch.func.jacrev(lambda t: ours(t, **tensors)))(stack[1])
