@@ -100,6 +100,12 @@ def _non_negative_number(name: str, value: object) -> float:
     return number
 
 
+def _weighted(weight: float, term: Tensor) -> Tensor:
+    """``weight · term`` rounded once, to ``term``'s dtype. A Python weight that the dtype cannot hold (below
+    its smallest subnormal, above its max) would round to 0 or inf first, and 0 · inf or inf · 0 is NaN."""
+    return (term.double() * weight).to(term.dtype)
+
+
 def _check_impl(impl: object) -> str:
     if not isinstance(impl, str) or impl not in backend.BACKENDS:
         raise ValueError(f"impl must be one of {backend.BACKENDS}, got {impl!r}")
@@ -684,11 +690,11 @@ def smpro_loss(policy_logps: Tensor, ref_logps: Tensor, groups: Tensor, *, beta:
     across = ops.sortnet_rank_loss(rewards, level, target="block", reduction="none", **sort_options,
                                    impl=impl).to(acc)
     anchor = torch.where(positive, F.softplus(-rewards), 0).sum(-1) / positive.sum(-1).clamp(min=1)
-    per_list = across + anchor_weight * anchor
+    per_list = across + _weighted(anchor_weight, anchor)
     terms = {"loss/across": across, "loss/anchor": anchor}
     if within_weight > 0:
         within = _within_group_term(rewards, level, ranking_f, valid, checking, sort_options, impl)
-        per_list = per_list + within_weight * within
+        per_list = per_list + _weighted(within_weight, within)
         terms["loss/within"] = within
     loss = _nan_unless(has_positive, per_list).mean()
     metrics = {name: term.detach().mean() for name, term in terms.items()}
@@ -790,7 +796,7 @@ def misp_dpo_loss(policy_pos: Tensor, ref_pos: Tensor, policy_negs: Tensor, ref_
         pc, pr, rc, rr, h = text_parts
         text_losses = _dpo_losses(h, beta, "sigmoid", 0.0)
         if text_weight > 0:  # weight 0 switches the term off (0 · inf would be NaN)
-            per_list = per_list + text_weight * text_losses
+            per_list = per_list + _weighted(text_weight, text_losses)
         metrics["loss/text"] = text_losses.detach().mean()
         metrics.update(_with_prefix("text/", _dpo_metrics(pc, pr, rc, rr, beta)))
     return PreferenceLossOutput(per_list.mean(), metrics)

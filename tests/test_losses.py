@@ -269,6 +269,23 @@ def test_misp_importance_correction_and_text_vs_formula(seed):
     torch.testing.assert_close(out.metrics["loss/text"], text_loss.mean().detach())
 
 
+@pytest.mark.parametrize("text_weight", [2.2250738585e-313, 1e39])   # 0 / inf once rounded to float32
+def test_misp_text_weight_outside_float32_is_not_rounded_first(text_weight):
+    """The weight multiplies the term in one rounding: a positive weight that float32 flushes to 0 still
+    carries an infinite text loss (found by test_fuzz_misp: 0 · inf gave NaN), one float32 overflows to inf
+    still gives 0 for a zero text loss."""
+    zeros, negs = torch.zeros(3), torch.zeros(3, 1)
+    chosen = torch.tensor([float("-inf"), 1e4, 1e4])            # text losses: inf, 0, 0 in float32
+    text = (chosen, zeros, zeros, zeros)
+    out = losses.misp_dpo_loss(zeros, zeros, negs, negs, beta=1.0, text=text, text_weight=text_weight)
+    text_loss = -log_sigmoid(chosen.double())
+    want = (math.log(2) + torch.where(text_loss == 0, 0.0, text_weight * text_loss)).mean()
+    torch.testing.assert_close(out.loss.double(), want)
+    finite = losses.misp_dpo_loss(zeros[1:], zeros[1:], negs[1:], negs[1:], beta=1.0, text=(chosen[1:],) + (zeros[1:],) * 3,
+                                  text_weight=text_weight)
+    torch.testing.assert_close(finite.loss.double(), torch.tensor(math.log(2), dtype=F64))
+
+
 def test_misp_image_term_matches_softplus_lse_form(seed):
     # the DESIGN formula literally: softplus(logsumexp_k(r_neg_k − r_pos − log(K q_k)))
     pp, rp, pn, rn = torch.randn(6), torch.randn(6), torch.randn(6, 3), torch.randn(6, 3)
