@@ -294,19 +294,25 @@ def _effective_labels(labels, segment_ids, ignore_index):
 def _segment_sum(values, segment_ids, num_segments):
     """Σ of values per segment id in [0, num_segments) (-1, and out-of-range ids, skipped), deterministic.
 
-    Stable sort by segment, fp64 running sum, difference at the segment ends: no float atomics (index_add
-    on CUDA would make the result depend on the scheduling). Differentiable in values.
+    Stable sort by segment, fp64 running sum of the finite values, difference at the segment ends: no float
+    atomics (index_add on CUDA would make the result depend on the scheduling). A running sum cannot carry
+    -inf or NaN (every later difference would be -inf − -inf = NaN), so those are added per segment apart:
+    a sum of values from {0, -inf, NaN} is the same in any order. Differentiable in values (every value
+    reaches its segment through exactly one of the two parts).
     """
     inside = (segment_ids >= 0) & (segment_ids < num_segments)  # never an out-of-bounds write on CUDA
     key = torch.where(inside, segment_ids, num_segments).to(torch.int64)
+    wide = values.to(torch.float64)
+    finite = torch.isfinite(wide)
     order = torch.argsort(key, stable=True)
-    running = torch.cat([values.new_zeros(1, dtype=torch.float64),
-                         torch.cumsum(values[order].to(torch.float64), 0)])
+    running = torch.cat([wide.new_zeros(1), torch.cumsum(torch.where(finite, wide, 0)[order], 0)])
+    non_finite = wide.new_zeros(num_segments + 1).index_add(0, key, torch.where(finite, 0, wide))
     counts = torch.zeros(num_segments + 1, dtype=torch.int64, device=values.device)
     counts.scatter_add_(0, key, torch.ones_like(key))
     ends = torch.cumsum(counts, 0)[:num_segments]
     starts = ends - counts[:num_segments]
-    return (running[ends] - running[starts]).to(values.dtype), counts[:num_segments]
+    sums = running[ends] - running[starts] + non_finite[:num_segments]
+    return sums.to(values.dtype), counts[:num_segments]
 
 
 def _reduce(token_logp, active, labels_shape, segment_ids, num_segments, reduction):

@@ -3,9 +3,9 @@ pure-PyTorch references, forward and backward, plus gradcheck, opcheck, torch.co
 
 import pytest
 import torch
-from prefrank.triton_kernels import logprobs as triton_logprobs
 
 from prefrank import logprobs, ops, reference
+from prefrank.triton_kernels import logprobs as triton_logprobs
 
 IMPLS = ("cpu", "triton")  # the C++ kernels (auto backend on CPU tensors) / Triton under TRITON_INTERPRET=1
 
@@ -131,6 +131,18 @@ def test_packed_varlen_segments(seed, impl, reduction):
         if reduction == "mean":
             expected = expected / picked.sum().clamp(min=1)
         _assert_close(out[slot], expected, scale=12)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_minus_inf_token_stays_in_its_segment(seed, reduction):
+    """A token of log-probability -inf makes its own segment -inf and leaves the others finite (found by the
+    fuzz test: a running sum across segments carried -inf, and every later segment came out -inf − -inf)."""
+    logits, labels = _case(1, 9, 20, ignore_frac=0.0)
+    segment_ids = torch.tensor([[2, 2, 0, 0, 0, 1, 1, 3, 3]])
+    logits[0, 3, labels[0, 3]] = float("-inf")      # segment 0, sorted before segments 1..3
+    out, _ = _check_against_reference("cpu", logits, labels, segment_ids=segment_ids, num_segments=4,
+                                      reduction=reduction, scale=9)
+    assert out[0] == float("-inf") and torch.isfinite(out[1:]).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -2,7 +2,6 @@
 spills and shared memory within each architecture's limit (AOT, no GPU needed)."""
 
 from prefrank.triton_kernels import logprobs as kernels
-
 from tests.triton_aot import assert_healthy, compile_reports
 
 MODULE = "prefrank.triton_kernels.logprobs"

@@ -281,7 +281,8 @@ def test_misp_text_weight_outside_float32_is_not_rounded_first(text_weight):
     text_loss = -log_sigmoid(chosen.double())
     want = (math.log(2) + torch.where(text_loss == 0, 0.0, text_weight * text_loss)).mean()
     torch.testing.assert_close(out.loss.double(), want)
-    finite = losses.misp_dpo_loss(zeros[1:], zeros[1:], negs[1:], negs[1:], beta=1.0, text=(chosen[1:],) + (zeros[1:],) * 3,
+    finite_text = (chosen[1:],) + (zeros[1:],) * 3
+    finite = losses.misp_dpo_loss(zeros[1:], zeros[1:], negs[1:], negs[1:], beta=1.0, text=finite_text,
                                   text_weight=text_weight)
     torch.testing.assert_close(finite.loss.double(), torch.tensor(math.log(2), dtype=F64))
 

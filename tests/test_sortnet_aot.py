@@ -1,9 +1,9 @@
 """AOT compile of the sorting-network Triton kernels for sm_80 / sm_90: no spills, shared memory fits."""
 
 import pytest
-from prefrank.triton_kernels import sortnet as kernels
 
 from prefrank._options import Relaxation, Target
+from prefrank.triton_kernels import sortnet as kernels
 from tests.triton_aot import assert_healthy, compile_reports
 
 _MODULE = "prefrank.triton_kernels.sortnet:"
