@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_dispatch.h"  // PF_HOT
 #include "output_alloc.h"
 #include "plackett_luce_args.h"
 #include "plackett_luce_math.h"
@@ -153,7 +154,7 @@ inline float log_positive(float x) {
 
 // NLL of the tile's lanes: x and scored are (K, kLanes); scored is 1 where the place is scored, else 0 (a float,
 // not a byte: with every lane array 32-bit the compiler vectorises the scan 8 lanes wide, not 4).
-__attribute__((target_clones("avx2", "default"))) void scan_forward(const float* x, const float* scored,
+PF_HOT void scan_forward(const float* x, const float* scored,
                                                                      int64_t K, float* nll) {
   float mx[kLanes], sum[kLanes], total[kLanes], product[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
@@ -185,7 +186,7 @@ __attribute__((target_clones("avx2", "default"))) void scan_forward(const float*
 }
 
 // grad (K, kLanes) = grad_nll · ∂NLL/∂x; share and ratio are (K, kLanes) scratch.
-__attribute__((target_clones("avx2", "default"))) void scan_backward(const float* x, const float* scored,
+PF_HOT void scan_backward(const float* x, const float* scored,
                                                                       int64_t K, const float* grad_nll,
                                                                       float* share, float* ratio, float* grad) {
   float mx[kLanes], sum[kLanes], running[kLanes], ratio_prev[kLanes];
@@ -312,7 +313,7 @@ constexpr int64_t kTileLevels = 16;  // beyond, the O(levels·K) one-hot passes 
 constexpr float kLowest = -3.40282347e38f;  // at most every finite score: the maximum of an empty level
 constexpr float kFlushBelow = 5.42101086242752217e-20f;  // 2^-64: Efron's running products (group_terms)
 
-// The helpers are always inlined into the target_clones functions, so no vector crosses a call (the -Wpsabi
+// The helpers are always inlined into the PF_HOT functions, so no vector crosses a call (the -Wpsabi
 // note, switched off above the shared exp/log polynomials, does not apply).
 typedef float vfloat __attribute__((vector_size(32)));
 typedef int32_t vint __attribute__((vector_size(32)));
@@ -531,7 +532,7 @@ PF_VECTOR_INLINE void level_column_backward(const float* x, const int32_t* level
 }
 
 // NLL of the tile's lanes (list_nll_levels across the lanes); `levels` ≤ kTileLevels.
-__attribute__((target_clones("avx2", "default"))) void level_scan_forward(const float* x, const int32_t* level,
+PF_HOT void level_scan_forward(const float* x, const int32_t* level,
                                                                            int64_t K, int64_t levels,
                                                                            int64_t top_k, int64_t ties,
                                                                            float* share, float* nll) {
@@ -544,7 +545,7 @@ __attribute__((target_clones("avx2", "default"))) void level_scan_forward(const 
 }
 
 // grad (K, kLanes, in place of `share`) = grad_nll · ∂NLL/∂x (list_nll_backward_levels across the lanes).
-__attribute__((target_clones("avx2", "default"))) void level_scan_backward(const float* x, const int32_t* level,
+PF_HOT void level_scan_backward(const float* x, const int32_t* level,
                                                                             int64_t K, int64_t levels,
                                                                             int64_t top_k, int64_t ties,
                                                                             const float* grad_nll, float* share) {
@@ -581,7 +582,7 @@ typedef uint32_t vuint __attribute__((vector_size(32)));
 // A full block from contiguous fp32 rows and contiguous int64 groups without a mask (the common layout):
 // 8×8 transposes into the tile, then every lane's checks and its rebase across the lanes. levels[l]: lane
 // l's level count, 0 when it takes the scalar path (its lane is cleared).
-__attribute__((target_clones("avx2", "default"))) void load_dense_block(const float* s, int64_t sb,
+PF_HOT void load_dense_block(const float* s, int64_t sb,
                                                                          const int64_t* g, int64_t gb, int64_t K,
                                                                          float* x, int32_t* level,
                                                                          int32_t* levels) {
@@ -639,7 +640,7 @@ __attribute__((target_clones("avx2", "default"))) void load_dense_block(const fl
 }
 
 // The gradient tile (K, kLanes) of a full block into contiguous fp32 rows: 8×8 transposes.
-__attribute__((target_clones("avx2", "default"))) void store_dense_block(const float* tile, int64_t K,
+PF_HOT void store_dense_block(const float* tile, int64_t K,
                                                                           float* out, int64_t ob) {
   const int64_t full = K - K % kWidth;
   for (int64_t h = 0; h < kVecs; ++h) {
@@ -656,7 +657,7 @@ __attribute__((target_clones("avx2", "default"))) void store_dense_block(const f
 }
 
 // level −= lo of its lane, outside the list (-1) kept.
-__attribute__((target_clones("avx2", "default"))) void rebase_levels(int32_t* level, int64_t K, const int32_t* lo) {
+PF_HOT void rebase_levels(int32_t* level, int64_t K, const int32_t* lo) {
   for (int64_t i = 0; i < K; ++i)
     for (int64_t h = 0; h < kVecs; ++h) {
       const vint lv = load_v(level + i * kLanes + h * kWidth);

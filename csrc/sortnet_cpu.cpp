@@ -35,6 +35,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
+#include "cpu_dispatch.h"  // PF_HOT: the row loops, the hot spot, also compiled for AVX2
 #include "sortnet_math.h"
 
 namespace prefrank {
@@ -45,12 +46,6 @@ using namespace sortnet;
 // Per-thread trajectory scratch of the backward (elements, 4 MiB in fp32); the row block shrinks to fit.
 constexpr int64_t kScratchElements = int64_t(1) << 20;
 
-// The row loops are the hot spot: also compile them for AVX2, picked at load time on CPUs that have it.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PF_HOT __attribute__((target_clones("avx2", "default")))
-#else
-#define PF_HOT
-#endif
 
 // The comparators of a network on m wires, layer by layer (pass-through wires omitted), and the rows of P each
 // comparator can touch. Row i of P starts as e_i, so Q[w][i] is structurally zero until row i has reached wire w

@@ -6,10 +6,12 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.cpp_extension import include_paths
 
 from prefrank import _extension
 
@@ -58,6 +60,22 @@ def test_cuda_source_compiles_without_spills(tmp_path, source):
     assert "sm_80" in usage and "sm_90" in usage
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", usage)]
     assert spills and not any(spills), usage
+
+
+AARCH64_CXX = shutil.which("aarch64-linux-gnu-g++")
+CPU_KERNEL_SOURCES = sorted((ROOT / "csrc").glob("*_cpu.cpp"))
+
+
+@pytest.mark.skipif(AARCH64_CXX is None, reason="needs the aarch64 cross compiler (Debian: g++-aarch64-linux-gnu)")
+@pytest.mark.parametrize("source", CPU_KERNEL_SOURCES, ids=lambda p: p.name)
+def test_cpu_kernels_compile_for_aarch64(tmp_path, source):
+    """Grace/Graviton hosts build the CPU kernels too: x86-only attributes stay behind their guards (the PL
+    kernel's target_clones("avx2") once broke this build)."""
+    cmd = [AARCH64_CXX, "-c", "-O3", "-std=c++20", "-fopenmp", "-fPIC", "-DPREFRANK_WITH_CUDA=0",
+           "-DTORCH_EXTENSION_NAME=_C", f"-I{ROOT / 'csrc'}", f"-I{sysconfig.get_paths()['include']}",
+           *(f"-I{path}" for path in include_paths()), str(source), "-o", str(tmp_path / "k.o")]
+    log = subprocess.run(cmd, capture_output=True, text=True)
+    assert log.returncode == 0, log.stderr[-4000:]
 
 
 def test_stale_sources_change_the_hash(tmp_path):
