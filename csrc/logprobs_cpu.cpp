@@ -25,6 +25,13 @@
 
 #include "output_alloc.h"
 
+// GCC vectorises vec_exp's selects (the clamp at -87, the underflow to 0) only when it may evaluate
+// floating-point comparisons speculatively: aarch64's GCC 12 otherwise leaves every row loop scalar ("control
+// flow in loop"). Nothing here reads the FP exception flags, and no value changes (this is not -ffast-math).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 namespace prefrank {
 namespace {
 

@@ -97,11 +97,16 @@ struct Elem<c10::Half> {
   }
 };
 
+// Partial sums of row_lse: lane l adds the terms v ≡ l (mod kSumLanes), then the lanes are added pairwise.
+// The order of the additions, and so the rounding, is written here rather than left to the vectoriser: it is
+// the same for every instruction set (AVX-512, AVX2, NEON, a build that vectorises nothing), and no build
+// adds a whole vocabulary into one fp32 accumulator (aarch64's GCC 12 left the `omp simd` reduction scalar:
+// 4.6e-4 off at V = 262147, against 1.3e-5 on x86).
+constexpr int64_t kSumLanes = 16;
+
 // log Σ_v exp(x_v · inv_temp) of one row (two passes: max, then the sum; the row stays in cache).
 template <typename E>
-typename E::acc row_lse(const typename E::raw* x,
-                                                                                      int64_t V,
-                                                                                      typename E::acc inv_temp) {
+typename E::acc row_lse(const typename E::raw* x, int64_t V, typename E::acc inv_temp) {
   using acc_t = typename E::acc;
   acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
@@ -112,20 +117,23 @@ typename E::acc row_lse(const typename E::raw* x,
   const acc_t shift = m * inv_temp;  // temperature > 0 keeps the argmax
   // a row of -inf only: log 0 (the reference's log_softmax gives NaN logps there too)
   if (shift == -std::numeric_limits<acc_t>::infinity()) return shift;
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t v = 0; v < V; ++v) s += vec_exp(E::load(x[v]) * inv_temp - shift);
-  return shift + std::log(s);
+  acc_t lane[kSumLanes] = {};
+  const int64_t full = V - V % kSumLanes;
+  for (int64_t v = 0; v < full; v += kSumLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kSumLanes; ++l) lane[l] += vec_exp(E::load(x[v + l]) * inv_temp - shift);
+  }
+  for (int64_t v = full; v < V; ++v) lane[v - full] += vec_exp(E::load(x[v]) * inv_temp - shift);
+  for (int64_t width = kSumLanes / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) lane[l] += lane[l + width];
+  }
+  return shift + std::log(lane[0]);
 }
 
 // out_v = −scale · exp(x_v · inv_temp − lse), then out_y += scale (δ term). out may alias x.
 template <typename E>
-void row_grad(const typename E::raw* x,
-                                                                             typename E::raw* out, int64_t V,
-                                                                             int64_t label,
-                                                                             typename E::acc inv_temp,
-                                                                             typename E::acc lse,
-                                                                             typename E::acc scale) {
+void row_grad(const typename E::raw* x, typename E::raw* out, int64_t V, int64_t label, typename E::acc inv_temp,
+              typename E::acc lse, typename E::acc scale) {
   using acc_t = typename E::acc;
   const acc_t p_label = vec_exp(E::load(x[label]) * inv_temp - lse);  // read before an in-place write
 #pragma omp simd
