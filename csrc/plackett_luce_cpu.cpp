@@ -154,8 +154,7 @@ inline float log_positive(float x) {
 
 // NLL of the tile's lanes: x and scored are (K, kLanes); scored is 1 where the place is scored, else 0 (a float,
 // not a byte: with every lane array 32-bit the compiler vectorises the scan 8 lanes wide, not 4).
-PF_HOT void scan_forward(const float* x, const float* scored,
-                                                                     int64_t K, float* nll) {
+PF_HOT void scan_forward(const float* x, const float* scored, int64_t K, float* nll) {
   float mx[kLanes], sum[kLanes], total[kLanes], product[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
     mx[l] = -3.4e38f;
@@ -186,9 +185,8 @@ PF_HOT void scan_forward(const float* x, const float* scored,
 }
 
 // grad (K, kLanes) = grad_nll · ∂NLL/∂x; share and ratio are (K, kLanes) scratch.
-PF_HOT void scan_backward(const float* x, const float* scored,
-                                                                      int64_t K, const float* grad_nll,
-                                                                      float* share, float* ratio, float* grad) {
+PF_HOT void scan_backward(const float* x, const float* scored, int64_t K, const float* grad_nll, float* share,
+                          float* ratio, float* grad) {
   float mx[kLanes], sum[kLanes], running[kLanes], ratio_prev[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
     mx[l] = -3.4e38f;
@@ -532,10 +530,8 @@ PF_VECTOR_INLINE void level_column_backward(const float* x, const int32_t* level
 }
 
 // NLL of the tile's lanes (list_nll_levels across the lanes); `levels` ≤ kTileLevels.
-PF_HOT void level_scan_forward(const float* x, const int32_t* level,
-                                                                           int64_t K, int64_t levels,
-                                                                           int64_t top_k, int64_t ties,
-                                                                           float* share, float* nll) {
+PF_HOT void level_scan_forward(const float* x, const int32_t* level, int64_t K, int64_t levels, int64_t top_k,
+                               int64_t ties, float* share, float* nll) {
   for (int64_t h = 0; h < kVecs; ++h) {
     const int64_t o = h * kWidth;
     if (levels <= 4) level_column_forward<4>(x + o, level + o, K, top_k, ties, share + o, nll + o);
@@ -545,10 +541,8 @@ PF_HOT void level_scan_forward(const float* x, const int32_t* level,
 }
 
 // grad (K, kLanes, in place of `share`) = grad_nll · ∂NLL/∂x (list_nll_backward_levels across the lanes).
-PF_HOT void level_scan_backward(const float* x, const int32_t* level,
-                                                                            int64_t K, int64_t levels,
-                                                                            int64_t top_k, int64_t ties,
-                                                                            const float* grad_nll, float* share) {
+PF_HOT void level_scan_backward(const float* x, const int32_t* level, int64_t K, int64_t levels, int64_t top_k,
+                                int64_t ties, const float* grad_nll, float* share) {
   for (int64_t h = 0; h < kVecs; ++h) {
     const int64_t o = h * kWidth;
     if (levels <= 4) level_column_backward<4>(x + o, level + o, K, top_k, ties, grad_nll + o, share + o);
@@ -582,10 +576,8 @@ typedef uint32_t vuint __attribute__((vector_size(32)));
 // A full block from contiguous fp32 rows and contiguous int64 groups without a mask (the common layout):
 // 8×8 transposes into the tile, then every lane's checks and its rebase across the lanes. levels[l]: lane
 // l's level count, 0 when it takes the scalar path (its lane is cleared).
-PF_HOT void load_dense_block(const float* s, int64_t sb,
-                                                                         const int64_t* g, int64_t gb, int64_t K,
-                                                                         float* x, int32_t* level,
-                                                                         int32_t* levels) {
+PF_HOT void load_dense_block(const float* s, int64_t sb, const int64_t* g, int64_t gb, int64_t K, float* x,
+                             int32_t* level, int32_t* levels) {
   const int64_t full = K - K % kWidth;
   const vlong8 below = vlong8{} - 2, above = vlong8{} + std::numeric_limits<int32_t>::max();
   for (int64_t h = 0; h < kVecs; ++h) {
@@ -640,8 +632,7 @@ PF_HOT void load_dense_block(const float* s, int64_t sb,
 }
 
 // The gradient tile (K, kLanes) of a full block into contiguous fp32 rows: 8×8 transposes.
-PF_HOT void store_dense_block(const float* tile, int64_t K,
-                                                                          float* out, int64_t ob) {
+PF_HOT void store_dense_block(const float* tile, int64_t K, float* out, int64_t ob) {
   const int64_t full = K - K % kWidth;
   for (int64_t h = 0; h < kVecs; ++h) {
     float* oh = out + h * kWidth * ob;

@@ -46,7 +46,6 @@ using namespace sortnet;
 // Per-thread trajectory scratch of the backward (elements, 4 MiB in fp32); the row block shrinks to fit.
 constexpr int64_t kScratchElements = int64_t(1) << 20;
 
-
 // The comparators of a network on m wires, layer by layer (pass-through wires omitted), and the rows of P each
 // comparator can touch. Row i of P starts as e_i, so Q[w][i] is structurally zero until row i has reached wire w
 // through the comparators so far. Per wire the rows that may be nonzero lie in an interval [first, last) (its
